@@ -1,0 +1,5 @@
+import sys
+
+from EchoFMEngine.cli import main
+
+sys.exit(main())

@@ -1,0 +1,18 @@
+"""Shared fixtures: the real test files in ../shared/data (skipped when absent) and small helpers."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ECHOFM_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The folder of real echo/ECG files; tests using it skip when a clone has no ../shared/data."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (set ECHOFM_SHARED_DATA)")
+    return SHARED_DATA
