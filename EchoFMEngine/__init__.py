@@ -1,0 +1,28 @@
+"""EchoFM engine: the echocardiography foundation model, its data layer, training and analysis.
+
+Qt-free and Slicer-free: usable from Python, from ``python -m EchoFMEngine``, from the Slicer
+Python console and from headless Slicer. Heavy submodules are imported on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+from .cine import Cine, CineReadError, Ecg, SourceInfo
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_cine": ("EchoFMEngine.io", "load_cine"),
+    "build_echofm": ("EchoFMEngine.models", "build_echofm"),
+    "load_official_checkpoint": ("EchoFMEngine.models", "load_official_checkpoint"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'EchoFMEngine' has no attribute {name!r}")
+
+
+__all__ = ["Cine", "CineReadError", "Ecg", "SourceInfo", *_LAZY]
