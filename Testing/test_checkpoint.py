@@ -67,6 +67,9 @@ def test_released_checkpoint_matches_reference_side_by_side(tmp_path, reference,
 
 
 def test_pretraining_loss_matches_reference_for_the_same_mask(tmp_path, reference, clip):
+    # One clip: our contrastive loss averages per sample first (so DDP shards average exactly),
+    # the reference averages over the batch's anchors; for one clip both are the same number.
+    clip = clip[:1]
     path = _save(tmp_path, {"model": reference.state_dict(), "model_args": reference.model_args()})
     loaded = load_official_checkpoint(path)
     model = EchoFM(loaded.cfg.with_overrides(contrastive="pixel", kl_weight=0.0))

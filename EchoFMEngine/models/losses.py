@@ -56,6 +56,14 @@ def triplet_labels(dist: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return pos, neg
 
 
+def _per_sample_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean over each sample's valid entries, then over samples (a sample with none counts 0),
+    so a batch split across processes averages to the same loss."""
+    b = values.shape[0]
+    v, m = values.reshape(b, -1), valid.reshape(b, -1).to(values.dtype)
+    return ((v * m).sum(1) / m.sum(1).clamp_min(1)).mean()
+
+
 def triplet_loss(emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of ``relu(d(a,p) - d(a,n) + margin)`` over every valid (anchor, positive, negative).
@@ -67,8 +75,8 @@ def triplet_loss(emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin
     if not bool(valid.any()):
         return emb.sum() * 0.0, torch.zeros((), device=emb.device)
     viol = F.relu(dist.unsqueeze(-1) - dist.unsqueeze(-2) + margin)     # d(a,p) - d(a,n)
-    viol = viol[valid]
-    return viol.mean(), (viol > 0).float().mean().detach()
+    active = (viol[valid] > 0).float().mean().detach()
+    return _per_sample_mean(viol, valid), active
 
 
 def pixel_prior(video: torch.Tensor, t_grid: int, pool: int = 32) -> torch.Tensor:
@@ -96,8 +104,9 @@ def pixel_prior_loss(emb: torch.Tensor, prior: torch.Tensor, margin: float, kl_w
     hardest_neg = sim.masked_fill(~neg, float("-inf")).amax(-1)
     valid = pos.any(-1) & neg.any(-1)
     if bool(valid.any()):
-        per_anchor = F.relu(hardest_neg - hardest_pos + margin)[valid]
-        trip, active = per_anchor.mean(), (per_anchor > 0).float().mean().detach()
+        per_anchor = F.relu(hardest_neg - hardest_pos + margin)
+        trip = _per_sample_mean(per_anchor, valid)
+        active = (per_anchor[valid] > 0).float().mean().detach()
     else:
         trip, active = emb.sum() * 0.0, torch.zeros((), device=emb.device)
     off = ~eye.expand(b, t, t)
