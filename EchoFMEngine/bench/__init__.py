@@ -7,6 +7,7 @@ import sys
 BENCHES = {
     "model": "EchoFMEngine.bench.model",
     "io": "EchoFMEngine.bench.io",
+    "train": "EchoFMEngine.bench.train",
 }
 
 

@@ -128,8 +128,11 @@ class EchoFM(nn.Module):
         return {n for n, _ in self.named_parameters() if "token" in n or "pos_embed" in n}
 
     # ------------------------------------------------------------- checks
-    def check_video(self, video: torch.Tensor) -> None:
-        """Raise a ValueError naming the expected shape when ``video`` does not fit the model."""
+    def check_video(self, video: torch.Tensor, finite: bool = True) -> None:
+        """Raise a ValueError naming the expected shape when ``video`` does not fit the model.
+
+        ``finite=False`` skips the NaN/Inf check, which needs a host sync (the training loop
+        checks its loss instead)."""
         c = self.cfg
         expected = f"[B, {c.in_chans}, {c.num_frames}, {c.img_size}, {c.img_size}]"
         if not isinstance(video, torch.Tensor):
@@ -147,7 +150,7 @@ class EchoFM(nn.Module):
             raise ValueError(f"video is {h}x{w}{hint}, expected {expected}")
         if not video.is_floating_point():
             raise ValueError(f"video must be float in [0, 1] {expected}, got dtype {video.dtype}")
-        if not bool(torch.isfinite(video.sum())):  # one reduction: NaN/Inf anywhere propagates
+        if finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(video.sum())):
             raise ValueError(f"video {expected} contains NaN or Inf values")
 
     # ------------------------------------------------------------- encoder
@@ -181,21 +184,27 @@ class EchoFM(nn.Module):
         return self.forward_encoder(video, ids)[0]
 
     # ------------------------------------------------------------ projector
-    def forward_projector(self, tokens: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
+    def forward_projector(self, tokens: torch.Tensor, ids_keep: torch.Tensor,
+                          equal_counts: Optional[bool] = None) -> torch.Tensor:
         """One embedding per temporal index ``[B, T/t, D]``, all indices in one batched call.
 
         Visible tokens are grouped by temporal index; when indices keep different numbers of
         tokens (random masking) the groups are padded and the padding is masked out of attention.
+        ``equal_counts`` (known for uniform/consistent masking) spares a data-dependent check.
         """
         b, k, d = tokens.shape
         t, L = self.cfg.t_grid, self.cfg.num_spatial
         t_idx = torch.div(ids_keep, L, rounding_mode="floor")
-        counts = torch.zeros(b, t, dtype=torch.long, device=tokens.device)
-        counts.scatter_add_(1, t_idx, torch.ones_like(t_idx))
         attn_mask = None
-        if k % t == 0 and bool((counts == k // t).all()):
+        if equal_counts is None:
+            counts = torch.zeros(b, t, dtype=torch.long, device=tokens.device).scatter_add_(
+                1, t_idx, torch.ones_like(t_idx))
+            equal_counts = k % t == 0 and bool((counts == k // t).all())
+        if equal_counts:
             groups = tokens.reshape(b * t, k // t, d)                  # ids_keep ascending => contiguous
         else:
+            counts = torch.zeros(b, t, dtype=torch.long, device=tokens.device).scatter_add_(
+                1, t_idx, torch.ones_like(t_idx))
             width = int(counts.max())
             starts = counts.cumsum(1) - counts
             rank = torch.arange(k, device=tokens.device).expand(b, k) - starts.gather(1, t_idx)
@@ -214,7 +223,7 @@ class EchoFM(nn.Module):
         self.check_video(video)
         ids = self.ids_keep(video.shape[0], 0.0, device=video.device)
         tokens, _ = self.forward_encoder(video, ids)
-        return self.forward_projector(tokens, ids)
+        return self.forward_projector(tokens, ids, equal_counts=True)
 
     # -------------------------------------------------------------- decoder
     def forward_decoder(self, tokens: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -259,34 +268,39 @@ class EchoFM(nn.Module):
                 generator: Generators = None) -> tuple[torch.Tensor, dict]:
         """One pretraining step's loss and its parts (detached, for logging)."""
         c = self.cfg
-        self.check_video(video)
+        self.check_video(video, finite=not self.training)
         ratio = c.mask_ratio if mask_ratio is None else mask_ratio
         b = video.shape[0]
         ids = self.ids_keep(b, ratio, device=video.device, generator=generator)
         tokens, _ = self.forward_encoder(video, ids)
         pred = self.forward_decoder(tokens, ids)
-        mask = mask_from_ids_keep(ids, c.num_tokens)
-        rec = losses.reconstruction_loss(pred.float(), self.patchify_target(video).float(), mask,
-                                         c.norm_pix_loss)
-        parts = {"recon": rec.detach()}
-        loss = rec
+        emb = None
         if c.contrastive != "none" and c.contrastive_weight > 0:
-            emb = self.forward_projector(tokens, ids).float()
+            emb = self.forward_projector(tokens, ids, equal_counts=c.mask_type != "random")
             if c.contrastive == "triplet":
                 with torch.no_grad():  # labels only: pairs from uniform-frame masking
                     ids_u = self.ids_keep(b, ratio, "uniform", device=video.device, generator=generator)
                     tok_u, _ = self.forward_encoder(video, ids_u)
-                    pos, neg = losses.triplet_labels(
-                        losses.l2_distance_matrix(self.forward_projector(tok_u, ids_u).float()))
-                con, active = losses.triplet_loss(emb, pos, neg, c.triplet_margin)
-                parts.update(triplet=con.detach(), triplet_active=active)
-            else:
-                prior = losses.pixel_prior(video, c.t_grid)
-                con, extra = losses.pixel_prior_loss(emb, prior, c.triplet_margin, c.kl_weight,
-                                                     c.kl_temperature)
-                parts.update(extra)
-            loss = loss + c.contrastive_weight * con
-            parts["contrastive"] = con.detach()
+                    emb_u = self.forward_projector(tok_u, ids_u, equal_counts=True)
+        with torch.autocast(video.device.type, enabled=False):  # losses in fp32
+            mask = mask_from_ids_keep(ids, c.num_tokens)
+            rec = losses.reconstruction_loss(pred.float(), self.patchify_target(video).float(), mask,
+                                             c.norm_pix_loss)
+            parts = {"recon": rec.detach()}
+            loss = rec
+            if emb is not None:
+                emb = emb.float()
+                if c.contrastive == "triplet":
+                    pos, neg = losses.triplet_labels(losses.l2_distance_matrix(emb_u.float()))
+                    con, active = losses.triplet_loss(emb, pos, neg, c.triplet_margin)
+                    parts.update(triplet=con.detach(), triplet_active=active)
+                else:
+                    prior = losses.pixel_prior(video, c.t_grid)
+                    con, extra = losses.pixel_prior_loss(emb, prior, c.triplet_margin, c.kl_weight,
+                                                         c.kl_temperature)
+                    parts.update(extra)
+                loss = loss + c.contrastive_weight * con
+                parts["contrastive"] = con.detach()
         parts["loss"] = loss.detach()
         return loss, parts
 

@@ -24,9 +24,9 @@ def reconstruction_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
         var = target.var(dim=-1, keepdim=True)
         target = (target - mean) / (var + 1.0e-6) ** 0.5
     per_token = ((pred - target) ** 2).mean(dim=-1)
-    if mask.sum() == 0:
-        return per_token.mean()
-    return (per_token * mask).sum() / mask.sum()
+    # With nothing masked (ratio 0) every token counts; decided on-device, no host sync.
+    weights = torch.where(mask.sum() > 0, mask, torch.ones_like(mask))
+    return (per_token * weights).sum() / weights.sum()
 
 
 def l2_distance_matrix(emb: torch.Tensor) -> torch.Tensor:
@@ -64,6 +64,11 @@ def _per_sample_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     return ((v * m).sum(1) / m.sum(1).clamp_min(1)).mean()
 
 
+def _active_fraction(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Share of valid entries that still violate the margin (0 when there are none)."""
+    return (((values > 0) & valid).sum() / valid.sum().clamp_min(1)).detach().float()
+
+
 def triplet_loss(emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of ``relu(d(a,p) - d(a,n) + margin)`` over every valid (anchor, positive, negative).
@@ -72,11 +77,8 @@ def triplet_loss(emb: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, margin
     """
     dist = l2_distance_matrix(emb)
     valid = pos.unsqueeze(-1) & neg.unsqueeze(-2)                       # [B, a, p, n]
-    if not bool(valid.any()):
-        return emb.sum() * 0.0, torch.zeros((), device=emb.device)
     viol = F.relu(dist.unsqueeze(-1) - dist.unsqueeze(-2) + margin)     # d(a,p) - d(a,n)
-    active = (viol[valid] > 0).float().mean().detach()
-    return _per_sample_mean(viol, valid), active
+    return _per_sample_mean(viol, valid), _active_fraction(viol, valid)
 
 
 def pixel_prior(video: torch.Tensor, t_grid: int, pool: int = 32) -> torch.Tensor:
@@ -103,12 +105,10 @@ def pixel_prior_loss(emb: torch.Tensor, prior: torch.Tensor, margin: float, kl_w
     hardest_pos = sim.masked_fill(~pos, float("inf")).amin(-1)
     hardest_neg = sim.masked_fill(~neg, float("-inf")).amax(-1)
     valid = pos.any(-1) & neg.any(-1)
-    if bool(valid.any()):
-        per_anchor = F.relu(hardest_neg - hardest_pos + margin)
-        trip = _per_sample_mean(per_anchor, valid)
-        active = (per_anchor[valid] > 0).float().mean().detach()
-    else:
-        trip, active = emb.sum() * 0.0, torch.zeros((), device=emb.device)
+    # anchors without a positive or a negative have +-inf here; they are masked out below
+    per_anchor = F.relu(torch.where(valid, hardest_neg - hardest_pos, torch.zeros_like(hardest_pos)) + margin)
+    trip = _per_sample_mean(per_anchor, valid)
+    active = _active_fraction(per_anchor, valid)
     off = ~eye.expand(b, t, t)
     log_p = F.log_softmax(prior[off].view(b, t, t - 1).float() / temperature, dim=-1)
     log_q = F.log_softmax(sim[off].view(b, t, t - 1) / temperature, dim=-1)

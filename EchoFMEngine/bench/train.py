@@ -1,0 +1,151 @@
+"""`bench train`: full optimiser steps (AdamW, autocast, optional torch.compile) of a preset,
+with clips/s, peak memory and - on CUDA - model FLOPs utilisation; optionally how many clips/s a
+prepared cache delivers through a DataLoader, to tell whether the loader keeps the GPU fed.
+
+    python -m EchoFMEngine bench train --preset vit_l --batch 8 --amp fp32,bf16 --compile
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ..models import build_echofm
+from ..training.optim import build_optimizer
+from .model import BENCH_CONFIG, _peak_mem_mb, time_steps
+
+# Dense tensor-core peaks (FLOP/s) for the MFU denominator: bf16/fp16, and TF32 for fp32 runs.
+PEAKS = {"H100": (989.4e12, 494.7e12), "H200": (989.4e12, 494.7e12), "A100": (312e12, 156e12),
+         "L40S": (362e12, 183e12), "A10": (125e12, 62.5e12)}
+AMP = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def peak_flops(device: torch.device, amp: str):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32) in PEAKS.items():
+        if key in name:
+            return tf32 if amp == "fp32" else half
+    return None
+
+
+def step_flops(model, video) -> float:
+    """FLOPs of one forward + backward, counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = model(video)
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def make_train_step(model, optimizer, video, amp_dtype, scaler, compiled):
+    autocast = torch.autocast(video.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+
+    def step():
+        with autocast:
+            loss, _ = compiled(video)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def loader_clips_per_s(frames: int, size: int, batch: int, workers: int, n_clips: int, seconds: float,
+                       device: torch.device) -> float:
+    """Clips/s a memory-mapped cache of random clips delivers (uint8, pinned, copied to ``device``)."""
+    from torch.utils.data import DataLoader
+
+    from ..data.cache import ClipCache, _random_cache
+    with tempfile.TemporaryDirectory() as d:
+        _random_cache(Path(d), n_clips, frames, size)
+        loader = DataLoader(ClipCache(d, uint8=True), batch_size=batch, shuffle=True, num_workers=workers,
+                            pin_memory=device.type == "cuda", drop_last=True, persistent_workers=workers > 0)
+        seen, t0, first = 0, None, True
+        while True:
+            for b in loader:
+                v = b["video"].to(device, non_blocking=True).float().div_(255)
+                if first:  # start timing after the workers are up
+                    t0, first = time.perf_counter(), False
+                    continue
+                seen += v.shape[0]
+                if time.perf_counter() - t0 > seconds:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    return seen / (time.perf_counter() - t0)
+
+
+def cli(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine bench train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=None, help="tiny | vit_s | vit_b | vit_l (default: the CPU bench config)")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--amp", default="auto", help="comma list of fp32,bf16,fp16 (auto: bf16 on CUDA, fp32 on CPU)")
+    ap.add_argument("--compile", action="store_true", help="also time each amp setting with torch.compile")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--loader-workers", type=int, default=None,
+                    help="also measure clips/s from a prepared cache with this many DataLoader workers")
+    ap.add_argument("--loader-clips", type=int, default=96)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+
+    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if a.device == "auto" else a.device))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    amps = (["bf16"] if device.type == "cuda" else ["fp32"]) if a.amp == "auto" else a.amp.split(",")
+    results = []
+    flops = None
+    for amp in amps:
+        for compiled in ([False, True] if a.compile else [False]):
+            torch.manual_seed(0)
+            model = build_echofm(a.preset or BENCH_CONFIG).to(device).train()
+            cfg = model.cfg
+            video = torch.rand(a.batch, 3, cfg.num_frames, cfg.img_size, cfg.img_size, device=device)
+            if flops is None:
+                flops = step_flops(model, video)
+            opt = build_optimizer(model, {"base_lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.95)},
+                                  a.batch, skip=model.no_weight_decay(), fused=device.type == "cuda")
+            scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+            run = torch.compile(model) if compiled else model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+            sec = time_steps(make_train_step(model, opt, video, AMP[amp], scaler, run), a.steps,
+                             a.warmup + (3 if compiled else 0), device)
+            peak = peak_flops(device, amp)
+            row = {"amp": amp, "compile": compiled, "step_s": sec, "clips_per_s": a.batch / sec,
+                   "peak_mem_gb": _peak_mem_mb(device) / 1024, "tflops_per_s": flops / sec / 1e12,
+                   "mfu": flops / sec / peak if peak else None}
+            results.append(row)
+            print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
+                  flush=True)
+            del model, opt, run
+    out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "threads": torch.get_num_threads(), "preset": a.preset or "bench-cpu", "batch": a.batch,
+           "step_tflop": flops / 1e12, "runs": results}
+    if a.loader_workers is not None:
+        cfg = build_echofm(a.preset or BENCH_CONFIG).cfg
+        out["loader_clips_per_s"] = loader_clips_per_s(cfg.num_frames, cfg.img_size, a.batch, a.loader_workers,
+                                                       a.loader_clips, 10.0, device)
+        out["loader_workers"] = a.loader_workers
+        best = max(r["clips_per_s"] for r in results)
+        out["loader_keeps_up"] = out["loader_clips_per_s"] >= best
+        print(f"loader: {out['loader_clips_per_s']:.1f} clips/s with {a.loader_workers} workers "
+              f"(fastest training run needs {best:.1f})")
+    if a.json:
+        Path(a.json).write_text(json.dumps(out, indent=2))
+    return 0

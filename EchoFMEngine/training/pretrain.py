@@ -1,0 +1,299 @@
+"""EchoFM pretraining loop: one process or many (torchrun, DDP), CPU or CUDA, exactly resumable.
+
+    python train.py --config Resources/configs/demo.yaml run.steps=200
+    torchrun --nproc_per_node=8 train.py --config Resources/configs/pretrain_vitl_paper.yaml
+    python -m EchoFMEngine pretrain --config ... --resume
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from ..models import EchoFM, build_echofm, load_official_checkpoint, load_pretrained, save_pretrained
+from ..models.checkpoint import CheckpointError
+from . import checkpointing, distributed
+from .config import dump_config, load_config
+from .data import Indexed, PhantomClips, StepBatchSampler, item_seed
+from .optim import build_optimizer, build_scheduler
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+def build_model(cfg: dict) -> EchoFM:
+    """The model from ``cfg['model']``, initialised from ``cfg['init_from']`` when given."""
+    model_cfg = dict(cfg["model"])
+    init = cfg.get("init_from")
+    if not init:
+        return build_echofm(model_cfg)
+    p = Path(init)
+    src = load_pretrained(p, strict=False) if p.is_dir() or p.suffix == ".safetensors" else load_official_checkpoint(p)
+    model = build_echofm(model_cfg)
+    own = model.state_dict()
+    bad = [k for k, v in src.state_dict().items() if k in own and own[k].shape != v.shape]
+    if bad:
+        k = bad[0]
+        raise CheckpointError(f"{init}: incompatible with the configured model: {k} is "
+                              f"{tuple(src.state_dict()[k].shape)} in the file, {tuple(own[k].shape)} in the model")
+    model.load_state_dict(src.state_dict(), strict=False)
+    return model
+
+
+def build_dataset(cfg: dict, model_cfg) -> torch.utils.data.Dataset:
+    """Pretraining clips sized for the model; fails before any training when there are none."""
+    d = cfg["data"]
+    kind = d["kind"]
+    if kind == "phantom":
+        ds = PhantomClips(d["n_studies"], model_cfg.num_frames, model_cfg.img_size, seed=d["seed"])
+    elif kind == "cache":
+        from ..data.cache import ClipCache
+        ds = Indexed(ClipCache(d["root"], uint8=True))     # uint8 to the device, scaled there
+    elif kind == "folder":
+        from ..data import build_dataset as build_named
+        ds = Indexed(build_named("folder", d["root"], frames=model_cfg.num_frames, size=model_cfg.img_size))
+    else:
+        raise ValueError(f"data.kind must be phantom, cache or folder, got {kind!r}")
+    if len(ds) == 0:
+        raise ValueError(f"no readable clips in {d.get('root') or kind!r}")
+    if kind == "cache" and (ds.dataset.frames, ds.dataset.size) != (model_cfg.num_frames, model_cfg.img_size):
+        raise ValueError(f"{d['root']}: cache clips are {ds.dataset.frames} frames x {ds.dataset.size} px, the model "
+                         f"takes {model_cfg.num_frames} x {model_cfg.img_size}")
+    return ds
+
+
+def _amp(name: str, device: torch.device) -> Optional[torch.dtype]:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+class RunLog:
+    """CSV log of every logged step, plus TensorBoard when it is installed (main process only)."""
+
+    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
+        self.path = out / "log.csv"
+        self.enabled = enabled
+        self.writer, self.tb = None, None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                pass
+
+    def write(self, row: dict):
+        if not self.enabled:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+        if self.tb:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(k, v, row["step"])
+
+    def truncate_after(self, step: int):
+        """Drop rows beyond ``step`` (written by a run that was killed after its last checkpoint)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        rows = list(csv.DictReader(open(self.path)))
+        keep = [r for r in rows if int(r["step"]) <= step]
+        if len(keep) != len(rows):
+            with open(self.path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                w.writeheader()
+                w.writerows(keep)
+
+
+def pretrain(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or continue) pretraining as ``cfg`` says; returns a summary (also ``summary.json``)."""
+    run = cfg["run"]
+    info = distributed.setup(run["device"])
+    try:
+        return _pretrain(cfg, info, resume, progress)
+    finally:
+        distributed.cleanup()
+
+
+def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
+    run, ocfg = cfg["run"], cfg["optim"]
+    out = Path(run["out"])
+    device = info.device
+    torch.manual_seed(run["seed"] + info.rank)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    model = build_model(cfg).to(device)
+    mcfg = model.cfg
+    dataset = build_dataset(cfg, mcfg)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+
+    accum, steps = int(ocfg["accum_steps"]), int(run["steps"])
+    global_batch = run["batch_size"] * accum * info.world_size
+    optimizer = build_optimizer(model, ocfg, global_batch, skip=model.no_weight_decay(),
+                                fused=device.type == "cuda")
+    scheduler = build_scheduler(optimizer, steps, ocfg)
+    amp = _amp(run["amp"], device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+
+    start = 0
+    if resume:
+        state = checkpointing.load_latest(out, map_location="cpu")
+        if state is not None:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            checkpointing.set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
+            start = int(state["step"])
+            if info.is_main:
+                print(f"resuming from {state['path']} at step {start}")
+    log = RunLog(out, info.is_main, run["tensorboard"])
+    log.truncate_after(start)
+
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+              find_unused_parameters=mcfg.contrastive == "none") if info.enabled else model
+    train_model = torch.compile(ddp) if run["compile"] else ddp
+    sampler = StepBatchSampler(len(dataset), run["batch_size"], info.rank, info.world_size, run["seed"],
+                               start_micro_step=start * accum)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg["data"]["num_workers"],
+                        pin_memory=device.type == "cuda", persistent_workers=cfg["data"]["num_workers"] > 0)
+    batches = iter(loader)
+    autocast = (torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext())
+
+    def save(step: int):
+        rngs = [checkpointing.rng_state()]
+        if info.enabled:
+            gathered = [None] * info.world_size
+            torch.distributed.all_gather_object(gathered, rngs[0])
+            rngs = gathered
+        if info.is_main:
+            checkpointing.save_checkpoint(out, step, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "rng": rngs, "config": json.dumps(cfg), "global_batch": global_batch,
+            }, keep_last=run["keep_last"])
+        if info.enabled:
+            torch.distributed.barrier()
+
+    bar = None
+    if progress and info.is_main:
+        from tqdm import tqdm
+        bar = tqdm(total=steps, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
+    model.train()
+    history, t_start, clips_seen = [], time.perf_counter(), 0
+    pending: list = []            # (step, loss) not yet checked: checking every step would stall the GPU
+
+    def check_finite():
+        """Stop on the first non-finite loss since the last check (one host sync per check)."""
+        if not pending:
+            return
+        losses = torch.stack([v for _, v in pending])
+        if not bool(torch.isfinite(losses).all()):
+            bad = pending[int((~torch.isfinite(losses)).nonzero()[0])][0]
+            last = checkpointing.list_checkpoints(out)
+            raise NonFiniteLoss(
+                f"non-finite loss at step {bad}; stopping. Last good checkpoint: "
+                f"{last[-1] if last else 'none'} (lower optim.base_lr or use run.amp=bf16/fp32)")
+        pending.clear()
+
+    t_log = time.perf_counter()
+    for step in range(start, steps):
+        sums: dict = {}
+        for micro in range(accum):
+            g = step * accum + micro
+            batch = next(batches)
+            video = batch["video"].to(device, non_blocking=True)
+            if video.dtype == torch.uint8:
+                video = video.float().div_(255.0)
+            gens = [torch.Generator().manual_seed(item_seed(run["seed"], g, int(i))) for i in batch["index"]]
+            sync = ddp.no_sync() if info.enabled and micro < accum - 1 else contextlib.nullcontext()
+            with sync:
+                with autocast:
+                    loss, parts = train_model(video, generator=gens)
+                scaler.scale(loss / accum).backward()
+            pending.append((step + 1, loss.detach()))
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
+        scaler.unscale_(optimizer)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg["clip_grad"])
+                     if ocfg["clip_grad"] else torch.zeros(()))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step_update(step + 1)
+        clips_seen += global_batch
+        logged_now = (step + 1) % run["log_every"] == 0 or step + 1 == steps
+        if logged_now:
+            check_finite()
+            done = len(history) and history[-1]["step"] or start
+            dt = (time.perf_counter() - t_log) / max(step + 1 - done, 1)
+            t_log = time.perf_counter()
+            logged = {k: float(distributed.all_reduce_mean(v, info)) for k, v in sums.items()}
+            row = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **logged,
+                   "grad_norm": float(grad_norm), "clips_per_s": global_batch / dt, "step_s": dt}
+            log.write(row)
+            history.append(row)
+            if bar is not None:
+                bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("loss", "recon", "contrastive",
+                                                                                "clips_per_s")})
+        if bar is not None:
+            bar.update(1)
+        if (step + 1) % run["ckpt_every"] == 0 and step + 1 < steps:
+            check_finite()            # never checkpoint weights that saw a non-finite loss
+            save(step + 1)
+    check_finite()
+    if bar is not None:
+        bar.close()
+    if start < steps or not checkpointing.list_checkpoints(out):
+        save(steps)
+    elapsed = time.perf_counter() - t_start
+    summary = {"rank": info.rank, "steps": steps, "resumed_from": start, "global_batch": global_batch,
+               "world_size": info.world_size, "device": str(device), "amp": str(amp),
+               "seconds": elapsed, "clips_per_s": clips_seen / elapsed if elapsed else None,
+               "final": history[-1] if history else None}
+    if info.is_main:
+        save_pretrained(model, out / "model", metadata={"task": "pretrain", "steps": steps})
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def parse_args(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine pretrain", description="Pretrain EchoFM.")
+    ap.add_argument("--config", default=None, help="YAML config (see Resources/configs)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
+    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=200 optim.base_lr=1.5e-4")
+    return ap.parse_args(argv)
+
+
+def cli(argv) -> int:
+    a = parse_args(argv)
+    try:
+        cfg = load_config(a.config, a.overrides)
+        summary = pretrain(cfg, resume=a.resume, progress=not a.no_progress)
+    except (KeyError, ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if summary.get("final") and summary["rank"] == 0:
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v)
+                          for k, v in summary["final"].items()}))
+    return 0 if not math.isnan(summary["final"]["loss"] if summary.get("final") else 0.0) else 1
