@@ -159,3 +159,40 @@ def test_own_format_refuses_foreign_safetensors(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="not an EchoFM safetensors"):
         load_pretrained(tmp_path / "other.safetensors")
+
+
+def _videomae_state_dict(model, tubelet_file=2):
+    """Our encoder written in VideoMAE's layout (encoder. prefix, q_bias/v_bias, shorter tubelet)."""
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k.startswith(("decoder", "projector", "mask_token")) or "pos_embed" in k or k == "cls_token":
+            continue
+        if k.endswith("attn.qkv.bias"):
+            q, _, vb = v.chunk(3)
+            sd[f"encoder.{k[:-len('qkv.bias')]}q_bias"] = q
+            sd[f"encoder.{k[:-len('qkv.bias')]}v_bias"] = vb
+        elif k == "patch_embed.proj.weight":
+            sd["encoder." + k] = v[:, :, :tubelet_file]
+        else:
+            sd["encoder." + k] = v
+    sd["decoder.blocks.0.norm1.weight"] = torch.zeros(3)
+    sd["encoder_to_decoder.weight"] = torch.zeros(3, 3)
+    return sd
+
+
+def test_videomae_style_checkpoint_initialises_the_encoder(tmp_path):
+    from EchoFMEngine.models.checkpoint import init_from_checkpoint
+    torch.manual_seed(4)
+    source = build_echofm("tiny")
+    with torch.no_grad():  # VideoMAE has no k bias; make ours zero so the round trip is exact
+        for blk in source.blocks:
+            blk.attn.qkv.bias[source.cfg.embed_dim:2 * source.cfg.embed_dim] = 0
+    path = _save(tmp_path, {"model": _videomae_state_dict(source)}, "videomae.pth")
+    target = build_echofm("tiny")
+    report = init_from_checkpoint(target, path)
+    assert any("inflated" in n for n in report["notes"])
+    assert torch.equal(target.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
+    assert torch.equal(target.blocks[1].attn.qkv.bias, source.blocks[1].attn.qkv.bias)
+    w = source.patch_embed.proj.weight[:, :, :2]
+    torch.testing.assert_close(target.patch_embed.proj.weight, w.repeat_interleave(2, dim=2) / 2)
+    assert "decoder_embed.weight" in report["missing"]

@@ -132,3 +132,12 @@ def test_shipped_configs_are_valid(name):
     if name == "pretrain_vitl_paper":
         assert (model_cfg.embed_dim, model_cfg.depth, model_cfg.num_frames, model_cfg.img_size,
                 model_cfg.tubelet, model_cfg.patch_size, model_cfg.mask_ratio) == (1024, 24, 32, 224, 4, 16, 0.75)
+
+
+def test_incompatible_init_checkpoint_fails_before_training(tmp_path):
+    from EchoFMEngine.models import CheckpointError, build_echofm, save_pretrained
+    from EchoFMEngine.training.pretrain import build_model
+    save_pretrained(build_echofm("tiny"), tmp_path / "tiny96")
+    cfg = load_config(None, ["model.embed_dim=48", "model.num_heads=3", f"init_from={tmp_path / 'tiny96'}"])
+    with pytest.raises(CheckpointError, match=r"tiny96.*has shape .*96.* in the file but .*48.* in the model"):
+        build_model(cfg)

@@ -171,6 +171,58 @@ def load_official_checkpoint(path: Union[str, Path], map_location="cpu", strict:
     return model
 
 
+# ------------------------------------------------------- VideoMAE-style
+def is_videomae_state_dict(sd: dict) -> bool:
+    """VideoMAE files keep the encoder under ``encoder.`` and attention biases as q_bias/v_bias."""
+    return any(k.startswith("encoder.blocks.") or k.endswith(".attn.q_bias") for k in sd)
+
+
+def convert_videomae_state_dict(sd: dict, cfg: EchoFMConfig) -> tuple[dict, list]:
+    """Encoder weights of a VideoMAE(-style) checkpoint in our names; returns (state_dict, notes).
+
+    q/k/v biases come as ``q_bias``/``v_bias`` (k has none: zeros); VideoMAE's decoder has other
+    widths and its position table is a fixed sinusoid over all tokens, so both stay at our init;
+    a shorter tubelet is inflated in time (weights repeated and divided, so a static clip gives
+    the same embedding)."""
+    out, notes = {}, []
+    for key, value in sd.items():
+        key = key.removeprefix("module.").removeprefix("encoder.")
+        if key.startswith(("decoder", "encoder_to_decoder", "mask_token", "head", "fc_norm", "pos_embed")):
+            continue
+        if key.endswith(".attn.q_bias"):
+            prefix = key[: -len("q_bias")]
+            v = sd.get("encoder." + prefix + "v_bias", sd.get(prefix + "v_bias"))
+            out[prefix + "qkv.bias"] = torch.cat([value, torch.zeros_like(value), v])
+        elif not key.endswith(".attn.v_bias"):
+            out[key] = value
+    w = out.get("patch_embed.proj.weight")
+    if w is not None and w.shape[2] != cfg.tubelet and cfg.tubelet % w.shape[2] == 0:
+        k = cfg.tubelet // w.shape[2]
+        out["patch_embed.proj.weight"] = w.repeat_interleave(k, dim=2) / k
+        notes.append(f"tubelet {w.shape[2]} inflated to {cfg.tubelet} frames")
+    notes.append("position embeddings, projector and decoder keep their initialisation (not in the file's layout)")
+    return out, notes
+
+
+def init_from_checkpoint(model: EchoFM, path: Union[str, Path]) -> dict:
+    """Initialise ``model`` from any supported file (ours, released EchoFM, VideoMAE-style);
+    tensors that fit are copied, a shape that does not fit raises. Returns the load report."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":
+        sd, notes = load_pretrained(path, strict=False).state_dict(), []
+    else:
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file")
+        raw, _ = _unwrap(_torch_load(path, "cpu"), path)
+        if is_videomae_state_dict(raw):
+            sd, notes = convert_videomae_state_dict(raw, model.cfg)
+        else:
+            sd, notes = convert_official_state_dict(raw)
+    report = load_state_dict_checked(model, sd, path, strict=False)
+    report["notes"] = notes
+    return report
+
+
 # ----------------------------------------------------------- own format
 def save_pretrained(model: EchoFM, path: Union[str, Path], metadata: Optional[dict] = None) -> Path:
     """Write ``model.safetensors`` (config inside its metadata) and ``config.json`` into folder ``path``.

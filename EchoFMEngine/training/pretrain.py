@@ -20,8 +20,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from ..models import EchoFM, build_echofm, load_official_checkpoint, load_pretrained, save_pretrained
-from ..models.checkpoint import CheckpointError
+from ..models import EchoFM, build_echofm, save_pretrained
+from ..models.checkpoint import CheckpointError, init_from_checkpoint
 from . import checkpointing, distributed
 from .config import dump_config, load_config
 from .data import Indexed, PhantomClips, StepBatchSampler, item_seed
@@ -33,21 +33,13 @@ class NonFiniteLoss(RuntimeError):
 
 
 def build_model(cfg: dict) -> EchoFM:
-    """The model from ``cfg['model']``, initialised from ``cfg['init_from']`` when given."""
-    model_cfg = dict(cfg["model"])
-    init = cfg.get("init_from")
-    if not init:
-        return build_echofm(model_cfg)
-    p = Path(init)
-    src = load_pretrained(p, strict=False) if p.is_dir() or p.suffix == ".safetensors" else load_official_checkpoint(p)
-    model = build_echofm(model_cfg)
-    own = model.state_dict()
-    bad = [k for k, v in src.state_dict().items() if k in own and own[k].shape != v.shape]
-    if bad:
-        k = bad[0]
-        raise CheckpointError(f"{init}: incompatible with the configured model: {k} is "
-                              f"{tuple(src.state_dict()[k].shape)} in the file, {tuple(own[k].shape)} in the model")
-    model.load_state_dict(src.state_dict(), strict=False)
+    """The model from ``cfg['model']``, initialised from ``cfg['init_from']`` when given
+    (our format, a released EchoFM file or a VideoMAE-style checkpoint)."""
+    model = build_echofm(dict(cfg["model"]))
+    if cfg.get("init_from"):
+        report = init_from_checkpoint(model, cfg["init_from"])
+        loaded = len(model.state_dict()) - len(report["missing"])
+        print(f"initialised {loaded} tensors from {cfg['init_from']}; " + "; ".join(report["notes"]))
     return model
 
 
