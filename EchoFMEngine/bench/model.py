@@ -16,6 +16,7 @@ import time
 import torch
 
 from ..models import build_echofm
+from ..training.distributed import enable_fast_math, resolve_device
 from .reference import ReferenceEchoFM
 
 BENCH_CONFIG = dict(img_size=112, num_frames=32, tubelet=4, patch_size=16, embed_dim=384, depth=6,
@@ -78,11 +79,8 @@ def cli(argv) -> int:
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     a = ap.parse_args(argv)
 
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = resolve_device(a.device)
+    enable_fast_math(device)
     amp = {"auto": torch.bfloat16 if device.type == "cuda" else None, "none": None,
            "bf16": torch.bfloat16, "fp16": torch.float16}[a.amp]
     overrides = {k: v for k, v in (("num_frames", a.frames), ("img_size", a.size),

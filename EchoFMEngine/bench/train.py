@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..models import build_echofm
+from ..training.distributed import enable_fast_math, resolve_device
 from ..training.optim import build_optimizer
 from .model import BENCH_CONFIG, _peak_mem_mb, time_steps
 
@@ -101,11 +102,8 @@ def cli(argv) -> int:
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
-    device = torch.device("cuda" if a.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if a.device == "auto" else a.device))
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    device = resolve_device(a.device)
+    enable_fast_math(device)
     amps = (["bf16"] if device.type == "cuda" else ["fp32"]) if a.amp == "auto" else a.amp.split(",")
     results = []
     flops = None

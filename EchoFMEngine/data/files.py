@@ -30,12 +30,8 @@ def strip_suffix(path) -> str:
 
 def is_dicom(path) -> bool:
     """True if the file has the DICOM preamble magic ('DICM' at byte 128)."""
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
+    from EchoFMEngine.io.dicom import is_dicom_file
+    return is_dicom_file(path)
 
 
 def is_label_file(path) -> bool:

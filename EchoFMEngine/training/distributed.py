@@ -36,6 +36,13 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def enable_fast_math(device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA (fp32 runs use the tensor cores)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def setup(device: str = "auto") -> DistInfo:
     """Join the process group that torchrun describes in the environment (no-op otherwise)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

@@ -127,9 +127,7 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
     out = Path(run["out"])
     device = info.device
     torch.manual_seed(run["seed"] + info.rank)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    distributed.enable_fast_math(device)
 
     model = build_model(cfg).to(device)
     mcfg = model.cfg
