@@ -113,15 +113,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 @pytest.mark.slow
 def test_demo_runs_end_to_end_with_a_short_schedule(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "train.py"), "demo", "--out", str(tmp_path / "demo"),
-                        "--no-progress", "run.steps=30", "data.n_studies=8", "run.log_every=1"],
+                        "--no-progress", "run.steps=30", "data.n_studies=8", "run.log_every=1",
+                        "segment.steps=20", "segment.n_train=4", "segment.n_test=2"],
                        env=ENV, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
     assert metrics["pretrain"]["final_recon"] < metrics["pretrain"]["first_recon"]
     assert set(metrics["periodicity_spearman"]) >= {"random_init", "pretrained"}
-    for png in ("loss_curve.png", "self_similarity.png"):
+    for png in ("loss_curve.png", "self_similarity.png", "segmentation.png"):
         assert (tmp_path / "demo" / png).stat().st_size > 10_000
     assert (tmp_path / "demo" / "pretrain" / "model" / "model.safetensors").is_file()
+    seg = metrics["segment"]
+    assert seg["settings"]["steps"] == 20 and seg["final_loss"] < seg["first_loss"]
+    assert set(seg["held_out"]["structures"]) == {"lv_endo", "lv_epi", "la"}
+    assert 0.0 <= seg["held_out"]["mean_dice"] <= 1.0 and seg["held_out"]["n_clips"] == 2
+    desc = json.loads((tmp_path / "demo" / "segment" / "model" / "config.json").read_text())
+    assert desc["task"] == "segment"
 
 
 @pytest.mark.parametrize("name", ["demo", "pretrain_vitl_paper", "pretrain_vitb"])

@@ -36,6 +36,7 @@ DEFAULTS = {
         "seed": 0,
         "amp": "auto",           # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 | fp32
         "compile": False,
+        "compile_mode": "default",  # default | reduce-overhead (CUDA graphs) | max-autotune
         "device": "auto",        # auto | cpu | cuda
         "ckpt_every": 50,
         "keep_last": 3,

@@ -161,7 +161,7 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
 
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
               find_unused_parameters=mcfg.contrastive == "none") if info.enabled else model
-    train_model = torch.compile(ddp) if run["compile"] else ddp
+    train_model = torch.compile(ddp, mode=run["compile_mode"]) if run["compile"] else ddp
     sampler = StepBatchSampler(len(dataset), run["batch_size"], info.rank, info.world_size, run["seed"],
                                start_micro_step=start * accum)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg["data"]["num_workers"],

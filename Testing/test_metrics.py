@@ -1,0 +1,97 @@
+"""EchoFMEngine.metrics against medpy / scikit-learn, and the documented empty-mask results."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from medpy.metric import binary as mp
+from sklearn.metrics import roc_auc_score
+
+from EchoFMEngine import metrics as M
+
+
+def random_blob(shape, rng, p=0.3):
+    """A blobby random mask: thresholded smoothed noise (several components, holes)."""
+    from scipy import ndimage
+    noise = ndimage.gaussian_filter(rng.random(shape), 2.0)
+    return noise > np.quantile(noise, 1 - p)
+
+
+@pytest.mark.parametrize("shape", [(48, 40), (10, 24, 20)])
+@pytest.mark.parametrize("spacing", [None, "aniso"])
+def test_surface_distances_match_medpy(shape, spacing):
+    rng = np.random.default_rng(len(shape))
+    sp = None if spacing is None else tuple(0.4 + 0.3 * i for i in range(len(shape)))
+    for _ in range(5):
+        a, b = random_blob(shape, rng), random_blob(shape, rng)
+        assert M.hd95(a, b, sp) == pytest.approx(mp.hd95(a, b, voxelspacing=sp), abs=1e-6)
+        assert M.assd(a, b, sp) == pytest.approx(mp.assd(a, b, voxelspacing=sp), abs=1e-6)
+        assert M.dice(a, b) == pytest.approx(mp.dc(a, b), abs=1e-12)
+        assert M.iou(a, b) == pytest.approx(mp.jc(a, b), abs=1e-12)
+
+
+def test_scalar_spacing_equals_isotropic_tuple():
+    rng = np.random.default_rng(5)
+    a, b = random_blob((30, 30), rng), random_blob((30, 30), rng)
+    assert M.hd95(a, b, 0.7) == pytest.approx(M.hd95(a, b, (0.7, 0.7)))
+    assert M.assd(a, b, 0.7) == pytest.approx(0.7 * M.assd(a, b))
+
+
+def test_identical_masks():
+    a = np.zeros((20, 20), bool)
+    a[5:12, 4:15] = True
+    assert M.segmentation_scores(a, a) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0}
+
+
+def test_empty_masks_give_the_documented_values():
+    empty = np.zeros((16, 16), bool)
+    full = empty.copy()
+    full[4:9, 4:9] = True
+    assert M.segmentation_scores(empty, empty) == {"dice": 1.0, "iou": 1.0, "hd95": 0.0, "assd": 0.0}
+    for pred, ref in ((empty, full), (full, empty)):
+        s = M.segmentation_scores(pred, ref, spacing=(0.5, 0.5))
+        assert s["dice"] == 0.0 and s["iou"] == 0.0
+        assert math.isnan(s["hd95"]) and math.isnan(s["assd"])
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="shapes differ"):
+        M.dice(np.zeros((3, 3)), np.zeros((3, 4)))
+
+
+def test_auroc_binary_and_one_vs_rest_match_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    s = y * 0.5 + rng.random(200)
+    assert M.auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+    assert M.auroc(y, np.stack([1 - s, s], 1)) == pytest.approx(roc_auc_score(y, s), abs=1e-6)
+    y3 = rng.integers(0, 3, 300)
+    logits = rng.normal(size=(300, 3)) + np.eye(3)[y3]
+    prob = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    assert M.auroc(y3, prob) == pytest.approx(roc_auc_score(y3, prob, multi_class="ovr"), abs=1e-6)
+
+
+def test_classification_and_regression_reports():
+    r = M.classification_report([0, 1, 1, 0, 1], [0, 1, 0, 0, 1])
+    assert r["accuracy"] == pytest.approx(0.8)
+    assert set(r) == {"accuracy", "precision", "recall", "f1"}
+    assert M.classification_report([0, 1, 2], [0, 1, 2]) == {"accuracy": 1.0, "precision": 1.0, "recall": 1.0,
+                                                             "f1": 1.0}
+    y = np.array([1.0, 2.0, 3.0, 4.0])
+    g = M.regression_report(y, y + np.array([0.5, -0.5, 0.5, -0.5]))
+    assert g["mae"] == pytest.approx(0.5) and g["rmse"] == pytest.approx(0.5)
+    assert g["r2"] == pytest.approx(1 - 1.0 / 5.0)
+
+
+def test_bootstrap_ci_brackets_the_estimate_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    x = rng.normal(3.0, 1.0, 200)
+    lo, hi = M.bootstrap_ci(np.mean, x, n=500, seed=3)
+    assert lo < x.mean() < hi and hi - lo < 0.5
+    assert M.bootstrap_ci(np.mean, x, n=500, seed=3) == (lo, hi)
+    y = rng.integers(0, 2, 60)
+    s = y + rng.random(60)
+    lo, hi = M.bootstrap_ci(M.auroc, y, s, n=200)   # paired resampling, one-class resamples skipped
+    assert 0.5 < lo <= M.auroc(y, s) <= hi <= 1.0
+    assert all(map(math.isnan, M.bootstrap_ci(M.auroc, np.ones(5), np.ones(5), n=20)))
