@@ -72,22 +72,15 @@ def read_video(path) -> Cine:
     """Decode every frame of a video file to RGB; fps from the container, frame times from pts."""
     path = Path(path)
     errors = []
-    try:
-        return _read_pyav(path)
-    except ImportError as e:
-        errors.append(f"PyAV not installed ({e})")
-    except CineReadError as e:
-        errors.append(f"PyAV: {e.reason}")
-    except Exception as e:  # av.error.* (InvalidDataError, ...) and decoder failures
-        errors.append(f"PyAV: {type(e).__name__}: {e}")
-    try:
-        return _read_opencv(path)
-    except ImportError as e:
-        errors.append(f"OpenCV not installed ({e})")
-    except CineReadError as e:
-        errors.append(f"OpenCV: {e.reason}")
-    except Exception as e:
-        errors.append(f"OpenCV: {type(e).__name__}: {e}")
+    for name, reader in (("PyAV", _read_pyav), ("OpenCV", _read_opencv)):  # OpenCV is the fallback
+        try:
+            return reader(path)
+        except ImportError as e:
+            errors.append(f"{name} not installed ({e})")
+        except CineReadError as e:
+            errors.append(f"{name}: {e.reason}")
+        except Exception as e:  # av.error.* (InvalidDataError, ...) and decoder failures
+            errors.append(f"{name}: {type(e).__name__}: {e}")
     raise CineReadError(path, "cannot decode video (truncated, corrupt or unsupported codec): " + "; ".join(errors))
 
 
