@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import resource
+import statistics
 import time
 
 import torch
@@ -30,18 +31,38 @@ def _peak_mem_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_steps(step, steps: int, warmup: int, device: torch.device) -> float:
     """Mean seconds per call of ``step()`` after ``warmup`` untimed calls."""
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _sync(device)
     return (time.perf_counter() - t0) / steps
+
+
+def time_interleaved(steps_by_name: dict, steps: int, warmup: int, device: torch.device) -> dict:
+    """Median seconds per call of each step function, calls alternating between them so that
+    both see the same machine state (frequency, other load) - a fair ratio on a shared CPU."""
+    for _ in range(warmup):
+        for step in steps_by_name.values():
+            step()
+    times = {name: [] for name in steps_by_name}
+    for _ in range(steps):
+        for name, step in steps_by_name.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def make_step(model, video, amp_dtype, mask_ratio):
@@ -91,7 +112,17 @@ def cli(argv) -> int:
     run = torch.compile(model) if a.compile else model
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    sec = time_steps(make_step(run, video, amp, a.mask_ratio), a.steps, a.warmup, device)
+    ours = make_step(run, video, amp, a.mask_ratio)
+    if a.compare_reference:
+        ref = ReferenceEchoFM(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                              depth=cfg.depth, num_heads=cfg.num_heads, decoder_embed_dim=cfg.decoder_embed_dim,
+                              decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads,
+                              num_frames=cfg.num_frames, t_patch_size=cfg.tubelet).to(device).train()
+        medians = time_interleaved({"ours": ours, "reference": make_step(ref, video, None, a.mask_ratio)},
+                                   a.steps, a.warmup, device)
+        sec, ref_sec = medians["ours"], medians["reference"]
+    else:
+        sec = time_steps(ours, a.steps, a.warmup, device)
     result = {
         "device": str(device), "threads": torch.get_num_threads(), "amp": str(amp), "compile": a.compile,
         "config": {k: getattr(cfg, k) for k in ("img_size", "num_frames", "tubelet", "patch_size", "embed_dim",
@@ -101,11 +132,6 @@ def cli(argv) -> int:
         "tokens_per_s": a.batch * cfg.num_tokens / sec, "peak_mem_mb": _peak_mem_mb(device),
     }
     if a.compare_reference:
-        ref = ReferenceEchoFM(img_size=cfg.img_size, patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
-                              depth=cfg.depth, num_heads=cfg.num_heads, decoder_embed_dim=cfg.decoder_embed_dim,
-                              decoder_depth=cfg.decoder_depth, decoder_num_heads=cfg.decoder_num_heads,
-                              num_frames=cfg.num_frames, t_patch_size=cfg.tubelet).to(device).train()
-        ref_sec = time_steps(make_step(ref, video, None, a.mask_ratio), a.steps, a.warmup, device)
         result.update(reference_step_s=ref_sec, ratio_vs_reference=sec / ref_sec)
     for k, v in result.items():
         print(f"{k:>20}: {v:.4g}" if isinstance(v, float) else f"{k:>20}: {v}")
