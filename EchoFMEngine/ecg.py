@@ -35,7 +35,13 @@ def _clean_signal(signal: np.ndarray) -> np.ndarray:
 
 
 def _is_inverted(cleaned: np.ndarray, fs: float) -> bool:
-    """Main QRS deflection negative? Sign of the largest |value| in each 2 s window, by median."""
+    """Main QRS deflection negative? Sign of the largest |value| in each 2 s window, by median.
+
+    The first and last 0.5 s are left out: the cleaning filter's start-up transient there can
+    outweigh a QRS (short recordings that begin on an R peak were read as inverted)."""
+    edge = int(round(0.5 * fs))
+    if cleaned.size > 4 * edge:
+        cleaned = cleaned[edge:-edge]
     win = max(int(round(2.0 * fs)), 1)
     n = cleaned.size // win
     if n == 0:

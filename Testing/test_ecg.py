@@ -134,3 +134,16 @@ def test_read_ecg_csv(tmp_path):
     (tmp_path / "bad.csv").write_text("time,value\n1,2\n0,3\n")
     with pytest.raises(CineReadError, match="increase"):
         read_ecg_csv(tmp_path / "bad.csv")
+
+
+def test_short_recording_starting_on_an_r_peak_keeps_its_polarity():
+    """The cleaning filter's start-up transient must not flip the lead (R peaks read as S waves)."""
+    import neurokit2 as nk
+    for sign in (1, -1):
+        x = sign * nk.ecg_simulate(duration=10, sampling_rate=500, heart_rate=70, random_state=3, method="ecgsyn")
+        full = detect_r_peaks(x, 500)
+        start = full[1]
+        got = detect_r_peaks(x[start:start + 2000], 500)           # 4 s beginning exactly on an R peak
+        ref = full[(full >= start) & (full < start + 2000)] - start
+        assert len(got) >= len(ref) - 1
+        assert np.max(np.min(np.abs(got[:, None] - ref[None]), axis=1)) <= 5   # within 10 ms
