@@ -41,13 +41,6 @@ def frame_features(cine: Cine, size: int = _FEATURE_SIZE, blank_outside_sector: 
     return detrend(x, axis=0, type="linear")  # slow drift (probe, breathing) is not the heartbeat
 
 
-def self_similarity(features: np.ndarray) -> np.ndarray:
-    """Cosine similarity between all pairs of frames: [T, T]."""
-    n = np.linalg.norm(features, axis=1, keepdims=True)
-    u = features / np.maximum(n, 1e-12)
-    return u @ u.T
-
-
 def _lag_bounds(fps: float, n: int, min_hr_bpm: float, max_hr_bpm: float) -> tuple:
     lo = max(2, int(np.floor(fps * 60.0 / max_hr_bpm)))
     hi = min(int(np.ceil(fps * 60.0 / min_hr_bpm)), int(n / 1.5))  # >= 1.5 periods in the clip

@@ -21,6 +21,7 @@ import torch
 
 from ..models import EchoFM, load_pretrained
 from .config import load_config
+from .data import phantom_clip
 from .pretrain import pretrain
 
 REPO = Path(__file__).resolve().parents[2]
@@ -38,18 +39,11 @@ def cardiac_phase(frame_times_s: np.ndarray, r_peaks_s: np.ndarray) -> np.ndarra
 
 def held_out_clips(cfg, n: int = 4, seed: int = 999) -> tuple[torch.Tensor, np.ndarray]:
     """Phantom clips unseen in training (two cycles each) with the true cardiac phase of every frame."""
-    from ..geometry import prepare_frames
-    from ..synthetic import make_study
-
     clips, phases = [], []
     for i in range(n):
-        hr = 60.0 + 8 * i
-        fps = cfg.num_frames * hr / 60.0 / 2.0
-        study = make_study(view=("A4C", "A2C")[i % 2], n_frames=cfg.num_frames,
-                           size=(cfg.img_size * 2, cfg.img_size * 2), fps=fps, heart_rate_bpm=hr,
-                           ef=45.0 + 5 * i, seed=seed + i)
-        frames, _ = prepare_frames(study.cine.frames, cfg.img_size)
-        clips.append(torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 255.0)
+        video, study, _ = phantom_clip(("A4C", "A2C")[i % 2], cfg.num_frames, cfg.img_size, 60.0 + 8 * i,
+                                       cycles=2.0, ef=45.0 + 5 * i, seed=seed + i)
+        clips.append(video)
         phases.append(cardiac_phase(study.cine.frame_times_s, study.r_peak_times_s))
     return torch.stack(clips), np.stack(phases)
 

@@ -5,13 +5,18 @@ import torch
 from timm.scheduler import CosineLRScheduler
 
 
+def skips_decay(name: str, p: torch.Tensor, skip: set = frozenset()) -> bool:
+    """Biases, norms (1-D), and the names in ``skip`` (tokens, position tables) get no weight decay."""
+    return p.ndim <= 1 or name.endswith(".bias") or name in skip
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float, skip: set = frozenset()) -> list[dict]:
     """Two groups: decayed weight matrices, and undecayed biases / norms / tokens / embeddings."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        (no_decay if skips_decay(name, p, skip) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

@@ -23,6 +23,8 @@ from safetensors.torch import save_file
 from ..metrics import assd, bootstrap_ci, dice, hd95, iou
 from ..models import EchoFM
 from ..models.heads import EchoFMSegmenter
+from .data import phantom_clip
+from .optim import skips_decay
 
 LABEL_NAMES = {0: "background", 1: "lv_cavity", 2: "lv_myocardium", 3: "la"}
 STRUCTURES = {"lv_endo": (1,), "lv_epi": (1, 2), "la": (3,)}   # structure -> labels it unites
@@ -38,21 +40,16 @@ def phantom_segmentation_items(n: int, img_size: int, num_frames: int, seed: int
     ``transform.to_model``), ``mask_valid`` bool ``[T]`` (True at the ED and ES frames only),
     ``spacing_mm`` of a model pixel, and the study's view / EF / seed.
     """
-    from ..geometry import prepare_frames
-    from ..synthetic import make_study
-
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E6]))
     items = []
     for i in range(n):
         hr = float(rng.uniform(55, 95))
-        fps = num_frames * hr / 60.0 / float(rng.uniform(*cycles))
-        study = make_study(view=("A4C", "A2C")[i % 2], n_frames=num_frames, size=(2 * img_size, 2 * img_size),
-                           fps=fps, heart_rate_bpm=hr, ef=float(rng.uniform(30, 70)), seed=seed * 1000 + i)
-        frames, tf = prepare_frames(study.cine.frames, img_size)
+        video, study, tf = phantom_clip(("A4C", "A2C")[i % 2], num_frames, img_size, hr, float(rng.uniform(*cycles)),
+                                        ef=float(rng.uniform(30, 70)), seed=seed * 1000 + i)
         valid = np.zeros(num_frames, dtype=bool)
         valid[np.concatenate([study.ed_frames, study.es_frames]).astype(int)] = True
         items.append({
-            "video": torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float() / 255.0,
+            "video": video,
             "masks": torch.from_numpy(tf.to_model(study.masks)).long(),
             "mask_valid": torch.from_numpy(valid),
             "spacing_mm": tuple(float(s) / tf.scale for s in study.cine.spacing_mm),
@@ -105,7 +102,7 @@ def param_groups(model: EchoFMSegmenter, lr: float, weight_decay: float, layer_d
         if not p.requires_grad:
             continue
         lid = depth + 1 if enc_name is None else layer_id(enc_name, depth)
-        nd = p.ndim <= 1 or full.endswith(".bias") or (enc_name in skip)
+        nd = skips_decay(enc_name or full, p, skip)
         key = (lid, nd)
         if key not in groups:
             groups[key] = {"params": [], "lr": lr * layer_decay ** (depth + 1 - lid),
