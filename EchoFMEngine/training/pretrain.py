@@ -10,7 +10,6 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -205,7 +204,7 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
                 f"{last[-1] if last else 'none'} (lower optim.base_lr or use run.amp=bf16/fp32)")
         pending.clear()
 
-    t_log = time.perf_counter()
+    t_log, last_logged = time.perf_counter(), start
     for step in range(start, steps):
         sums: dict = {}
         for micro in range(accum):
@@ -231,12 +230,10 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
         optimizer.zero_grad(set_to_none=True)
         scheduler.step_update(step + 1)
         clips_seen += global_batch
-        logged_now = (step + 1) % run["log_every"] == 0 or step + 1 == steps
-        if logged_now:
+        if (step + 1) % run["log_every"] == 0 or step + 1 == steps:
             check_finite()
-            done = len(history) and history[-1]["step"] or start
-            dt = (time.perf_counter() - t_log) / max(step + 1 - done, 1)
-            t_log = time.perf_counter()
+            dt = (time.perf_counter() - t_log) / (step + 1 - last_logged)   # mean step time since last log
+            t_log, last_logged = time.perf_counter(), step + 1
             logged = {k: float(distributed.all_reduce_mean(v, info)) for k, v in sums.items()}
             row = {"step": step + 1, "lr": optimizer.param_groups[0]["lr"], **logged,
                    "grad_norm": float(grad_norm), "clips_per_s": global_batch / dt, "step_s": dt}
@@ -286,4 +283,4 @@ def cli(argv) -> int:
     if summary.get("final") and summary["rank"] == 0:
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v)
                           for k, v in summary["final"].items()}))
-    return 0 if not math.isnan(summary["final"]["loss"] if summary.get("final") else 0.0) else 1
+    return 0  # a non-finite loss has already raised NonFiniteLoss (exit 1 above)
