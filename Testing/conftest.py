@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # EchoFMSlicer is a source folder (as Slicer loads it), not an installed package
+    sys.path.insert(0, str(REPO))
 SHARED_DATA = Path(os.environ.get("ECHOFM_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 

@@ -117,4 +117,7 @@ def read_volume(path) -> Cine:
     src = SourceInfo(format=fmt, file_name=path.name,
                      photometric="RGB" if ncomp in (3, 4) and not list_axis else "MONOCHROME",
                      extra=extra)
-    return Cine(frames=rgb, fps=fps, frame_times_s=times, spacing_mm=(spacing[1], spacing[0]), source=src)
+    # A writer that did not know the spacing says so (our Slicer module writes this field).
+    known = (_meta(im, "EchoFM.spacingMm") or "").strip().lower() != "unknown"
+    spacing_mm = (spacing[1], spacing[0]) if known else None
+    return Cine(frames=rgb, fps=fps, frame_times_s=times, spacing_mm=spacing_mm, source=src)
