@@ -1,11 +1,11 @@
 """EchoFM: the 3D Slicer module for echocardiography cine loops (view, ED/ES, masks, volumes, scores).
 
-A thin shell over two Qt-free packages: ``EchoFMEngine`` (models, analysis, training) and
-``EchoFMSlicerLib`` (cine/segmentation/table nodes, export, the background process runner).
-Long work runs in a child process (``python -m EchoFMEngine analyze``, ``train.py``) polled by a
-``qt.QTimer``, so the application never freezes and Cancel kills the whole process tree.
+A thin shell: module, parameter node, widget and self-test. Everything the panel does is
+``EchoFMSlicerLib.logic.EchoFMLogic`` (Qt-free, tested headless against slicer-core); the widget
+turns clicks into its calls, asks the user where needed, and polls long work -- a child process
+(``python -m EchoFMEngine analyze``, ``train.py``) -- from a ``qt.QTimer``, so the application
+never freezes and Cancel kills the whole process tree.
 """
-import datetime
 import json
 import logging
 import os
@@ -29,19 +29,13 @@ from slicer.util import VTKObservationMixin
 _MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
 _REPO_DIR = os.path.dirname(_MODULE_DIR)
 try:
-    import EchoFMEngine
+    import EchoFMEngine  # noqa: F401  (only checks that the engine is importable)
 except ImportError:
     if os.path.isfile(os.path.join(_REPO_DIR, "EchoFMEngine", "__init__.py")):
         sys.path.insert(0, _REPO_DIR)
-    import EchoFMEngine
+    import EchoFMEngine  # noqa: F401
 
-from EchoFMSlicerLib import dependencies
-from EchoFMSlicerLib.runner import BackgroundProcess, engine_environment, python_command
-
-TASKS = ["segment", "view", "as", "ar", "ef"]
-DEVICES = ["auto", "cuda", "cpu"]
-FINETUNE_CONFIG = os.path.join("Resources", "configs", "finetune_segment.yaml")
-SOURCE_ATTRIBUTE = "EchoFM.SourceFile"      # browser attribute: the file a cine was loaded from
+from EchoFMSlicerLib.logic import DEVICES, TASKS, EchoFMLogic
 
 
 #
@@ -110,7 +104,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
-        self._job = None                  # (BackgroundProcess, on_success, title)
+        self._job = None                  # (runner.BackgroundProcess, on_success, title)
         self._timer = None
         self._lastMeasurements = None
         self._observedBrowser = None
@@ -129,7 +123,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer.setInterval(200)
         self._timer.timeout.connect(self.onPollJob)
 
-        editorNode = self.logic.segmentEditorNode()
+        editorNode = self.logic.segment_editor_node()
         self.ui.segmentEditorWidget.setMRMLScene(slicer.mrmlScene)
         self.ui.segmentEditorWidget.setMRMLSegmentEditorNode(editorNode)
 
@@ -193,7 +187,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if browser:
                 p.inputBrowser = browser
         if str(p.modelsFolder) in ("", "."):
-            p.modelsFolder = self.logic.defaultModelsFolder()
+            p.modelsFolder = self.logic.default_models_folder()
         if str(p.exportFolder) in ("", "."):
             p.exportFolder = pathlib.Path.home() / "EchoFM" / "corrections"
 
@@ -230,12 +224,12 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.importWeightsButton.enabled = not busy and str(p.importWeightsFile) not in ("", ".")
         self.ui.cancelButton.enabled = busy
         if hasCine:
-            n = self.logic.frameCount(p.inputBrowser)
+            n = self.logic.frame_count(p.inputBrowser)
             self.ui.edFrameSpinBox.maximum = max(n - 1, 0)
             self.ui.esFrameSpinBox.maximum = max(n - 1, 0)
         if p.inputBrowser is not self._observedBrowser:
             self._observeBrowser(p.inputBrowser)
-            self.ui.inputInfoLabel.text = (self.logic.describeCine(p.inputBrowser) if hasCine
+            self.ui.inputInfoLabel.text = (self.logic.describe_cine(p.inputBrowser) if hasCine
                                            else "No cine loop selected.")
 
     def _observeBrowser(self, browser) -> None:
@@ -248,12 +242,12 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onBrowserModified(self, caller, event) -> None:
         try:
-            self.logic.updateFrameMarker(caller)
+            self.logic.update_frame_marker(caller)
         except Exception as e:          # a marker is cosmetic: never interrupt playback for it
             logging.debug(f"EchoFM: frame marker not updated: {e}")
 
     def updateDependenciesStatus(self) -> None:
-        missing = self.logic.missingPackages()
+        missing = self.logic.missing_packages()
         self.ui.dependenciesLabel.text = ("Python packages: all present." if not missing else
                                           "Missing Python packages: " + ", ".join(missing))
         self.ui.installDependenciesButton.enabled = bool(missing)
@@ -261,14 +255,39 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onModelsFolderChanged(self, _path=None) -> None:
         if self._parameterNode is not None:
-            self.ui.modelsStatusLabel.text = self.logic.modelsStatus(self._parameterNode.modelsFolder)
+            self.ui.modelsStatusLabel.text = self.logic.models_status(self._parameterNode.modelsFolder)
 
     def _requirePackages(self) -> bool:
         """True when the engine's packages are present; otherwise offers to install them."""
-        if not self.logic.missingPackages():
+        if not self.logic.missing_packages():
             return True
         self.onInstallDependencies()
-        return not self.logic.missingPackages()
+        return not self.logic.missing_packages()
+
+    def _installPackages(self, plan) -> bool:
+        """Install ``plan`` after the user agreed: torch through PyTorchUtils when present, the rest with
+        ``slicer.packaging.pip_ensure`` (Slicer >= 5.12, which asks itself) or ``slicer.util.pip_install``."""
+        asked = False
+        if plan.torch and plan.use_pytorch_utils:
+            if not slicer.util.confirmOkCancelDisplay(plan.describe()):
+                return False
+            asked = True
+            import PyTorchUtils
+            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+                askConfirmation=False, torchVersionRequirement=plan.torch_version_requirement)
+            if torch is None:
+                raise RuntimeError("PyTorch was not installed; install it from the PyTorch module")
+        pipReqs = plan.pip + ([] if plan.use_pytorch_utils else plan.torch)
+        if not pipReqs:
+            return True
+        packaging = getattr(slicer, "packaging", None)
+        if packaging is not None and hasattr(packaging, "pip_ensure"):
+            packaging.pip_ensure(pipReqs, requester="EchoFM")
+        else:
+            if not asked and not slicer.util.confirmOkCancelDisplay(plan.describe()):
+                return False
+            slicer.util.pip_install(pipReqs)
+        return True
 
     # ------------------------------------------------------------------ input
     def onLoadFile(self) -> None:
@@ -287,11 +306,12 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self._requirePackages():
             return
         with slicer.util.tryWithErrorDisplay(f"Failed to load {os.path.basename(path)}.", waitCursor=True):
-            cineNodes = self.logic.loadCine(path)
+            cineNodes = self.logic.load_cine(path)
             self._parameterNode.inputBrowser = cineNodes.browser
             self._parameterNode.analysisFolder = ""
-            self.ui.inputInfoLabel.text = self.logic.describeCine(cineNodes.browser)
-            self.logic.showCine(cineNodes)
+            self.ui.inputInfoLabel.text = self.logic.describe_cine(cineNodes.browser)
+            self.logic.show_cine(cineNodes)
+            slicer.modules.sequences.setToolBarActiveBrowserNode(cineNodes.browser)
 
     # ------------------------------------------------------------------ analysis
     def onAnalyze(self) -> None:
@@ -299,37 +319,37 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Failed to start the analysis.", waitCursor=True):
-            notes = self.logic.checkAnalysable(p.inputBrowser)
+            notes = self.logic.check_analysable(p.inputBrowser)
             self.ui.analysisLabel.text = "\n".join(notes)
-            outDir = self.logic.newWorkFolder("analysis")
-            inputPath = self.logic.analysisInput(p.inputBrowser, outDir)
-            cmd = self.logic.analysisCommand(inputPath, outDir / "out", p.modelsFolder, p.device, p.segmentAllFrames)
+            outDir = self.logic.new_work_folder("analysis")
+            inputPath = self.logic.analysis_input(p.inputBrowser, outDir)
+            cmd = self.logic.analysis_command(inputPath, outDir / "out", p.modelsFolder, p.device, p.segmentAllFrames)
             browser = p.inputBrowser
             self._startJob(cmd, "Analysis", lambda: self._onAnalysisDone(browser, outDir / "out"))
 
     def _onAnalysisDone(self, browser, outDir) -> None:
         p = self._parameterNode
-        summary = self.logic.applyAnalysis(browser, outDir)
+        summary = self.logic.apply_analysis(browser, outDir)
         p.analysisFolder = str(outDir)
         result = summary["result"]
-        self.ui.viewLabel.text, self.ui.viewProbabilitiesLabel.text = self.logic.describeView(result)
-        self.ui.scoreLabel.text = self.logic.describeScores(result)
+        self.ui.viewLabel.text, self.ui.viewProbabilitiesLabel.text = self.logic.describe_view(result)
+        self.ui.scoreLabel.text = self.logic.describe_scores(result)
         self._showPhase(result.get("phase"))
         if summary.get("ed_segmentation") is not None:
             p.edSegmentation = summary["ed_segmentation"]
             p.esSegmentation = summary["es_segmentation"]
-            p.edFrame = self.logic.maskFrame(p.edSegmentation, default=p.edFrame)
-            p.esFrame = self.logic.maskFrame(p.esSegmentation, default=p.esFrame)
+            p.edFrame = self.logic.mask_frame(p.edSegmentation, default=p.edFrame)
+            p.esFrame = self.logic.mask_frame(p.esSegmentation, default=p.esFrame)
         if result.get("measurements"):
             self._showMeasurements(summary.get("measurements_table"), result["measurements"])
-        self.ui.analysisLabel.text = self.logic.describeAnalysis(result)
+        self.ui.analysisLabel.text = self.logic.describe_analysis(result)
 
     def onDetectPhase(self) -> None:
         if not self._requirePackages():
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Failed to detect ED/ES.", waitCursor=True):
-            phase = self.logic.detectPhase(p.inputBrowser)
+            phase = self.logic.detect_phase(p.inputBrowser)
             self._showPhase(phase)
 
     def _showPhase(self, phase) -> None:
@@ -337,16 +357,16 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.phaseLabel.text = "ED/ES not found."
             return
         p = self._parameterNode
-        self.ui.phaseLabel.text = self.logic.describePhase(phase)
-        if phase.get("ed_frames"):
-            p.edFrame = int(phase["ed_frames"][0])
-        es = [f for f in phase.get("es_frames", []) if f > p.edFrame] or phase.get("es_frames", [])
-        if es:
-            p.esFrame = int(es[0])
+        self.ui.phaseLabel.text = self.logic.describe_phase(phase)
+        ed, es = self.logic.first_ed_es(phase)
+        if ed is not None:
+            p.edFrame = ed
+        if es is not None:
+            p.esFrame = es
 
     def onGoToFrame(self, frame: int) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to change the frame."):
-            self.logic.goToFrame(self._parameterNode.inputBrowser, frame)
+            self.logic.go_to_frame(self._parameterNode.inputBrowser, frame)
 
     # ------------------------------------------------------------------ correction
     def onCorrect(self, which: str) -> None:
@@ -356,8 +376,8 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             seg = p.edSegmentation if which == "ED" else p.esSegmentation
             if seg is None:
                 raise ValueError(f"no {which} masks yet: run Analyze with a segment model, or create empty masks")
-            frame = self.logic.maskFrame(seg, default=frame)     # the frame these masks were made for
-            reference = self.logic.goToFrame(p.inputBrowser, frame)
+            frame = self.logic.mask_frame(seg, default=frame)     # the frame these masks were made for
+            reference = self.logic.go_to_frame(p.inputBrowser, frame)
             self._editing = which
             editor = self.ui.segmentEditorWidget
             editor.setSegmentationNode(seg)
@@ -365,13 +385,13 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 editor.setSourceVolumeNode(reference)
             else:                                   # Slicer < 5.2
                 editor.setMasterVolumeNode(reference)
-            self.logic.showSegmentations(seg, p.edSegmentation if which == "ES" else p.esSegmentation,
+            self.logic.show_segmentations(seg, p.edSegmentation if which == "ES" else p.esSegmentation,
                                          p.showAIMasks)
 
     def onCreateMasks(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Failed to create the masks."):
-            p.edSegmentation, p.esSegmentation = self.logic.createEmptyMasks(p.inputBrowser, p.edFrame, p.esFrame)
+            p.edSegmentation, p.esSegmentation = self.logic.create_empty_masks(p.inputBrowser, p.edFrame, p.esFrame)
         self.onCorrect("ED")
 
     def onResetCorrection(self) -> None:
@@ -381,14 +401,14 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not slicer.util.confirmOkCancelDisplay(f"Replace the corrected {which} masks with the model's output?"):
             return
         with slicer.util.tryWithErrorDisplay(f"Failed to reset the {which} masks."):
-            self.logic.resetToAI(seg)
+            self.logic.reset_to_ai(seg)
 
     def onShowAI(self, show: bool) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Failed to change the display of the AI masks."):
             for seg in (p.edSegmentation, p.esSegmentation):
                 if seg is not None:
-                    self.logic.setAIVisible(seg, show)
+                    self.logic.set_ai_visible(seg, show)
 
     # ------------------------------------------------------------------ measure, export
     def onMeasure(self) -> None:
@@ -403,7 +423,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._lastMeasurements = m
         if table is not None:
             self.ui.measurementsTableView.setMRMLTableNode(table)
-        self.ui.measureLabel.text = self.logic.describeMeasurements(m)
+        self.ui.measureLabel.text = self.logic.describe_measurements(m)
 
     def onExport(self) -> None:
         p = self._parameterNode
@@ -418,28 +438,30 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Failed to start fine-tuning.", waitCursor=True):
-            runDir = self.logic.newWorkFolder("finetune", base=p.exportFolder / "runs")
-            cmd = self.logic.finetuneCommand(p.exportFolder, runDir, p.finetuneSteps, p.device, p.modelsFolder)
+            runDir = self.logic.new_work_folder("finetune", base=p.exportFolder / "runs")
+            cmd = self.logic.finetune_command(p.exportFolder, runDir, p.finetuneSteps, p.device, p.modelsFolder)
             importAfter, models = p.finetuneImportResult, p.modelsFolder
             self._startJob(cmd, "Fine-tuning", lambda: self._onFinetuneDone(runDir, importAfter, models),
-                           cwd=self.logic.engineRoot())
+                           cwd=self.logic.engine_root())
 
     def _onFinetuneDone(self, runDir, importAfter: bool, modelsFolder) -> None:
-        model = self.logic.finetunedModel(runDir)
+        model = self.logic.finetuned_model(runDir)
         self.ui.finetuneLabel.text = f"Fine-tuned model: {model}"
         if importAfter:
-            cmd = self.logic.importWeightsCommand(model, "segment", modelsFolder)
+            cmd = self.logic.import_weights_command(model, "segment", modelsFolder)
             self._startJob(cmd, "Importing the fine-tuned model", self.onModelsFolderChanged)
 
     def onImportWeights(self) -> None:
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Failed to import the weights."):
-            cmd = self.logic.importWeightsCommand(p.importWeightsFile, p.importTask, p.modelsFolder)
+            cmd = self.logic.import_weights_command(p.importWeightsFile, p.importTask, p.modelsFolder)
             self._startJob(cmd, "Importing weights", self.onModelsFolderChanged)
 
     def onInstallDependencies(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to install the Python packages.", waitCursor=True):
-            self.logic.installMissingPackages(ask=True)
+            plan = self.logic.install_plan()
+            if plan is not None:
+                self._installPackages(plan)
         self.updateDependenciesStatus()
 
     # ------------------------------------------------------------------ background jobs
@@ -447,9 +469,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Start ``cmd`` in a child process; its progress drives the bar until it ends."""
         if self._job is not None:
             raise RuntimeError(f"{self._job[2]} is still running; wait for it or cancel it first")
-        process = BackgroundProcess(cmd, cwd=cwd, env=self.logic.childEnvironment(), name=title)
-        logging.info(f"EchoFM: {title} started")      # not the command: its paths may name a patient
-        process.start()
+        process = self.logic.start_process(cmd, title, cwd=cwd)
         self._job = (process, onSuccess, title)
         self.ui.progressBar.value = 0
         self.ui.statusLabel.text = f"{title}: started"
@@ -497,510 +517,19 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 # Logic
 #
 
-class EchoFMSlicerLogic(ScriptedLoadableModuleLogic):
-    """Everything the panel does, without widgets: composes EchoFMSlicerLib and the engine.
+class EchoFMSlicerLogic(EchoFMLogic, ScriptedLoadableModuleLogic):
+    """Slicer's module logic: ``EchoFMLogic`` (all the work, Qt-free, EchoFMSlicerLib/logic.py) on the
+    application's scene and module logics, plus the module's parameter node."""
 
-    ``scene`` defaults to ``slicer.mrmlScene``; the library functions get it explicitly."""
-
-    def __init__(self, scene=None) -> None:
+    def __init__(self) -> None:
         ScriptedLoadableModuleLogic.__init__(self)
-        self.scene = scene if scene is not None else slicer.mrmlScene
-        self._logics = None
-        self._cineNodes = {}              # browser ID -> CineNodes made by this logic
-        self._measureNodes = {}           # browser ID -> table/plot of the last "measure" (replaced next time)
+        app = getattr(slicer, "app", None)           # absent only where this file is imported without Slicer
+        EchoFMLogic.__init__(self, slicer.mrmlScene,
+                             app_logic=app.applicationLogic() if app is not None else None,
+                             work_folder=pathlib.Path(app.temporaryPath) / "EchoFM" if app is not None else None)
 
     def getParameterNode(self):
-        return EchoFMSlicerParameterNode(super().getParameterNode())
-
-    # ------------------------------------------------------------------ plumbing
-    @property
-    def logics(self):
-        """Module logics the library needs (sequences, segmentations, ...): Slicer's own inside the
-        application, created once for a headless scene."""
-        if self._logics is None:
-            from EchoFMSlicerLib import scene as libscene
-            app = getattr(slicer, "app", None)
-            appLogic = app.applicationLogic() if app is not None and self.scene is slicer.mrmlScene else None
-            self._logics = libscene.register_modules(self.scene, appLogic)
-        return self._logics
-
-    def sceneGuard(self):
-        """Every node added inside the block is removed when it raises: an error leaves the scene as it was."""
-        from EchoFMSlicerLib import scene as libscene
-        return libscene.all_or_nothing(self.scene)
-
-    @staticmethod
-    def engineRoot() -> pathlib.Path:
-        """The folder holding EchoFMEngine, train.py and Resources/configs."""
-        return pathlib.Path(EchoFMEngine.__file__).resolve().parent.parent
-
-    def childEnvironment(self) -> dict:
-        return engine_environment([str(self.engineRoot())])
-
-    def newWorkFolder(self, kind: str, base=None) -> pathlib.Path:
-        if base is None:
-            temp = slicer.app.temporaryPath if hasattr(slicer, "app") else tempfile.gettempdir()
-            base = pathlib.Path(temp) / "EchoFM"
-        folder = pathlib.Path(base) / f"{kind}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}"
-        folder.mkdir(parents=True, exist_ok=False)
-        return folder
-
-    # ------------------------------------------------------------------ dependencies, models
-    @staticmethod
-    def missingPackages() -> list:
-        try:
-            return dependencies.missing_requirements()
-        except (OSError, ValueError) as e:
-            logging.warning(f"EchoFM: cannot check the Python packages: {e}")
-            return []
-
-    def installMissingPackages(self, ask: bool = True) -> bool:
-        """Install what the engine lacks after the user agreed; torch through PyTorchUtils when present."""
-        missing = self.missingPackages()
-        if not missing:
-            return True
-        plan = dependencies.install_plan(missing)
-        packaging = getattr(slicer, "packaging", None)
-        if plan.torch and plan.use_pytorch_utils:
-            if ask and not slicer.util.confirmOkCancelDisplay(plan.describe()):
-                return False
-            import PyTorchUtils
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=plan.torch_version_requirement)
-            if torch is None:
-                raise RuntimeError("PyTorch was not installed; install it from the PyTorch module")
-            ask = False
-        pipReqs = plan.pip + ([] if plan.use_pytorch_utils else plan.torch)
-        if not pipReqs:
-            return True
-        if packaging is not None and hasattr(packaging, "pip_ensure"):      # Slicer >= 5.12: asks itself
-            packaging.pip_ensure(pipReqs, requester="EchoFM")
-        else:
-            if ask and not slicer.util.confirmOkCancelDisplay(plan.describe()):
-                return False
-            slicer.util.pip_install(pipReqs)
-        return not self.missingPackages()
-
-    @staticmethod
-    def defaultModelsFolder() -> pathlib.Path:
-        env = os.environ.get("ECHOFM_MODELS", "").strip()
-        return pathlib.Path(env).expanduser() if env else pathlib.Path.home() / ".echofm" / "models"
-
-    @staticmethod
-    def modelsStatus(folder) -> str:
-        """Which tasks the models folder serves, read from its manifest (no weights loaded)."""
-        folder = pathlib.Path(folder)
-        manifest = folder / "manifest.json"
-        if not folder.is_dir():
-            return f"{folder} does not exist yet: no fine-tuned weights (import some below)."
-        if not manifest.is_file():
-            return f"No manifest.json in {folder}: no fine-tuned weights imported yet."
-        try:
-            tasks = json.loads(manifest.read_text()).get("tasks", {})
-        except (OSError, ValueError) as e:
-            return f"Unreadable {manifest}: {e}"
-        have = [t for t in TASKS if t in tasks]
-        lacking = [t for t in TASKS if t not in tasks]
-        return ("Weights for: " + (", ".join(have) or "none") +
-                (". Missing: " + ", ".join(lacking) if lacking else ""))
-
-    def importWeightsCommand(self, weightsFile, task: str, modelsFolder) -> list:
-        """``python -m EchoFMEngine models --folder F import FILE --task T`` (contract E)."""
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; one of {TASKS}")
-        path = pathlib.Path(weightsFile)
-        if str(weightsFile) in ("", ".") or not path.exists():
-            raise ValueError(f"weights file {weightsFile} does not exist")
-        return [*python_command(), "-m", "EchoFMEngine", "models", "--folder", str(modelsFolder),
-                "import", str(path), "--task", task]
-
-    # ------------------------------------------------------------------ input
-    def loadCine(self, path):
-        """Read a file or DICOM folder with the engine's reader into a sequence + browser (+ ECG)."""
-        from EchoFMSlicerLib import cine_nodes
-        nodes = cine_nodes.load_cine_file(self.scene, path, logics=self.logics)   # all or nothing
-        nodes.browser.SetAttribute(SOURCE_ATTRIBUTE, str(pathlib.Path(path).resolve()))
-        self._cineNodes[nodes.browser.GetID()] = nodes
-        return nodes
-
-    def cineNodes(self, browser):
-        """The CineNodes of a browser: the ones this logic made, or rebuilt from the browser."""
-        if browser is None:
-            raise ValueError("no cine loop selected: pick a sequence browser or load a file")
-        nodes = self._cineNodes.get(browser.GetID())
-        if nodes is None or nodes.browser is not browser:      # IDs are reused after a scene close
-            from EchoFMSlicerLib import cine_nodes
-            nodes = cine_nodes.cine_nodes_from_browser(browser, self.logics)
-            self._cineNodes[browser.GetID()] = nodes
-        return nodes
-
-    def cine(self, browser):
-        from EchoFMSlicerLib import cine_nodes
-        return cine_nodes.nodes_to_cine(browser)
-
-    def checkAnalysable(self, browser) -> list:
-        """ValueError naming why the cine cannot be analysed; else its caveats (e.g. no spacing)."""
-        from EchoFMSlicerLib import cine_nodes
-        return cine_nodes.check_analysable(self.cine(browser))
-
-    def frameCount(self, browser) -> int:
-        seq = browser.GetMasterSequenceNode() if browser is not None else None
-        return seq.GetNumberOfDataNodes() if seq is not None else 0
-
-    def describeCine(self, browser) -> str:
-        """Frames, frame rate, spacing and ECG of a cine, for the Input section."""
-        try:
-            meta = self.cineNodes(browser).cine_meta
-        except ImportError as e:
-            return f"Cannot read the cine yet: the engine's Python packages are missing ({e.name})"
-        except Exception as e:         # not a cine (a 3D volume sequence, ...): say why
-            return f"Not usable as a cine loop: {e}"
-        sp = meta.get("spacing_mm")
-        text = (f"{meta.get('frames')} frames of {meta.get('height')}x{meta.get('width')} px, "
-                f"{meta.get('fps', 0):.1f} frames/s" + (" (assumed)" if meta.get("fps_assumed") else "") +
-                (f", {sp[0]:.3g} x {sp[1]:.3g} mm/px" if sp else ", spacing unknown (volumes in px^3)") +
-                (", ECG present" if meta.get("has_ecg") else ", no ECG"))
-        return "\n".join([text, *meta.get("notes", [])])
-
-    def showCine(self, nodes) -> None:
-        """Show the cine in the slice views, its browser in the toolbar, the ECG chart in a plot view."""
-        if not hasattr(slicer, "app"):
-            return
-        slicer.util.setSliceViewerLayers(background=nodes.proxy, fit=True)
-        slicer.modules.sequences.setToolBarActiveBrowserNode(nodes.browser)
-        if nodes.ecg_chart is not None:
-            self.logics.plots.ShowChartInLayout(nodes.ecg_chart)
-
-    def updateFrameMarker(self, browser) -> None:
-        """Move the ECG chart's current-frame marker to the browser's frame."""
-        from EchoFMSlicerLib import ecg_nodes
-        nodes = self._cineNodes.get(browser.GetID())
-        if nodes is not None and nodes.browser is browser and nodes.ecg_chart is not None:
-            ecg_nodes.update_frame_marker(nodes.ecg_chart, browser)
-
-    def goToFrame(self, browser, frame: int):
-        """Show ``frame`` and return the proxy volume (the Segment Editor's source volume)."""
-        from EchoFMSlicerLib import cine_nodes
-        nodes = self.cineNodes(browser)
-        cine_nodes.go_to_frame(nodes, int(frame), self.logics)
-        return nodes.proxy
-
-    # ------------------------------------------------------------------ analysis
-    def analysisInput(self, browser, workFolder) -> pathlib.Path:
-        """The file the analysis reads: the cine's own file when it came from one (keeps its ECG),
-        else the browser's frames written as an npz (frames, fps, spacing, frame times)."""
-        source = browser.GetAttribute(SOURCE_ATTRIBUTE)
-        if source and pathlib.Path(source).exists():
-            return pathlib.Path(source)
-        import numpy as np
-        cine = self.cine(browser)
-        path = pathlib.Path(workFolder) / "cine.npz"
-        arrays = {"frames": cine.frames, "fps": np.float64(cine.fps)}
-        if cine.spacing_mm is not None:
-            arrays["spacing_mm"] = np.asarray(cine.spacing_mm, dtype=np.float64)
-        if cine.frame_times_s is not None:
-            arrays["frame_times_s"] = np.asarray(cine.frame_times_s, dtype=np.float64)
-        np.savez(path, **arrays)
-        return path
-
-    def analysisCommand(self, inputPath, outFolder, modelsFolder, device: str, segmentAll: bool) -> list:
-        """``python -m EchoFMEngine analyze INPUT --out DIR --models M --device D --segment S`` (contract D)."""
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        return [*python_command(), "-m", "EchoFMEngine", "analyze", str(inputPath), "--out", str(outFolder),
-                "--models", str(modelsFolder), "--device", device, "--segment", "all" if segmentAll else "ed_es",
-                "--no-summary"]
-
-    @staticmethod
-    def studyFolder(outFolder) -> pathlib.Path:
-        """The one ``<study_id>`` folder the analysis of a single input wrote."""
-        found = sorted(pathlib.Path(outFolder).glob("*/result.json"))
-        if not found:
-            failed = pathlib.Path(outFolder) / "failed.csv"
-            why = failed.read_text().strip() if failed.is_file() else "no result.json was written"
-            raise RuntimeError(f"the analysis produced no result in {outFolder}: {why}")
-        if len(found) > 1:
-            raise RuntimeError(f"expected one study in {outFolder}, found {len(found)}")
-        return found[0].parent
-
-    def applyAnalysis(self, browser, outFolder) -> dict:
-        """Result files (contract D) -> segmentation sequence, ED/ES masks, table, plot (all or nothing)."""
-        from EchoFMSlicerLib import results
-        folder = self.studyFolder(outFolder)
-        return results.apply_analysis_result(self.scene, self.cineNodes(browser), folder, self.logics)
-
-    def detectPhase(self, browser) -> dict:
-        """ED/ES from the ECG, else the images (in-process: no model needed, fast)."""
-        from EchoFMEngine.phase import detect_ed_es
-        return detect_ed_es(self.cine(browser)).to_dict()
-
-    # ------------------------------------------------------------------ masks
-    def segmentEditorNode(self):
-        """The module's own Segment Editor node, set so that segments may overlap (LV_epi holds LV_endo)."""
-        from EchoFMSlicerLib import segmentation_nodes
-        node = self.scene.GetSingletonNode("EchoFM", "vtkMRMLSegmentEditorNode")
-        if node is None:
-            node = self.scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
-            node.UnRegister(None)
-            node.SetSingletonTag("EchoFM")
-            node = self.scene.AddNode(node)
-        segmentation_nodes.configure_segment_editor(node)
-        return node
-
-    def edEsSegmentations(self, browser, labels, edFrame: int, esFrame: int):
-        """ED and ES segmentation nodes (AI copy + editable corrected copy) from label maps [T,H,W]."""
-        from EchoFMSlicerLib import segmentation_nodes
-        with self.sceneGuard():
-            return segmentation_nodes.ed_es_segmentations(self.scene, self.cineNodes(browser), labels,
-                                                          int(edFrame), int(esFrame))
-
-    def createEmptyMasks(self, browser, edFrame: int, esFrame: int):
-        """Empty editable ED and ES segmentations (LV_endo, LV_epi, LA) to draw by hand when no
-        segmentation model is available; they count as "corrected" (made by a person)."""
-        import numpy as np
-        from EchoFMSlicerLib import segmentation_nodes
-        nodes = self.cineNodes(browser)
-        empty = np.zeros(nodes.frame_shape, dtype=np.uint8)
-        if int(edFrame) == int(esFrame):
-            raise ValueError(f"ED and ES are the same frame ({edFrame}): set them apart first (Detect ED/ES)")
-        made = []
-        with self.sceneGuard():
-            for phase, frame in (("ED", int(edFrame)), ("ES", int(esFrame))):
-                if not 0 <= frame < nodes.num_frames:
-                    raise ValueError(f"{phase} frame {frame} is outside the cine's {nodes.num_frames} frames")
-                made.append(segmentation_nodes.labels_to_segmentation(
-                    self.scene, empty, nodes.proxy, f"{nodes.sequence.GetName()} {phase}", source="corrected",
-                    phase=phase, frame=frame))
-        return tuple(made)
-
-    def labels(self, seg, browser):
-        from EchoFMSlicerLib import segmentation_nodes
-        return segmentation_nodes.segmentation_to_labels(seg, self.cineNodes(browser).proxy)
-
-    def aiSegmentation(self, seg):
-        """The hidden model-output node kept behind an editable ED/ES segmentation."""
-        from EchoFMSlicerLib import segmentation_nodes
-        return segmentation_nodes.ai_copy(seg)
-
-    def resetToAI(self, seg) -> None:
-        """Undo all corrections of an ED/ES segmentation: its segments become the AI copy's again."""
-        import numpy as np
-        from EchoFMSlicerLib import segmentation_nodes
-        ai = self.aiSegmentation(seg)
-        if ai is None:
-            raise ValueError(f"{seg.GetName()!r} has no AI copy to reset to")
-        labels = segmentation_nodes.segmentation_to_labels(ai, seg)
-        for name, spec in segmentation_nodes.SEGMENTS.items():
-            segmentation_nodes.set_segment_mask(seg, name, np.isin(labels, spec.labels), reference=seg)
-
-    @staticmethod
-    def maskFrame(seg, default=None):
-        """The cine frame an ED/ES segmentation belongs to (its EchoFM.frame attribute), else ``default``."""
-        from EchoFMSlicerLib import segmentation_nodes
-        value = seg.GetAttribute(segmentation_nodes.FRAME_ATTR) if seg is not None else None
-        return int(value) if value not in (None, "") else default
-
-    def provenance(self, seg) -> dict:
-        """Whether a mask is still the model's output or was corrected (changed pixels per segment)."""
-        from EchoFMSlicerLib import segmentation_nodes
-        return segmentation_nodes.mask_provenance(seg)
-
-    def setAIVisible(self, seg, visible: bool) -> None:
-        ai = self.aiSegmentation(seg)
-        if ai is not None and ai.GetDisplayNode() is not None:
-            ai.GetDisplayNode().SetVisibility(bool(visible))
-
-    def showSegmentations(self, editing, other, showAI: bool) -> None:
-        """Show the mask being edited (and its AI original when asked), hide the other frame's."""
-        for seg, visible in ((editing, True), (other, False)):
-            if seg is not None and seg.GetDisplayNode() is not None:
-                seg.GetDisplayNode().SetVisibility(visible)
-            if seg is not None:
-                self.setAIVisible(seg, visible and showAI)
-
-    # ------------------------------------------------------------------ measure, export
-    def measure(self, browser, edSeg, esSeg, analysisFolder: str = ""):
-        """EDV, ESV, EF, LA volume from the current (corrected) masks -> a table node, and the LV volume
-        curve of the analysis with its ED/ES points replaced by the corrected volumes."""
-        from EchoFMSlicerLib import measurements
-        if edSeg is None or esSeg is None:
-            raise ValueError("ED and ES masks are needed: run Analyze (with a segment model) or load masks")
-        nodes = self.cineNodes(browser)
-        with self.sceneGuard():
-            m = measurements.measure_from_segmentations(edSeg, esSeg, nodes.proxy, nodes.spacing_mm)
-            for old in (self._measureNodes.pop(browser.GetID(), None) or []):
-                self.removeWithParts(old)
-            name = f"{nodes.sequence.GetName()} measurements (current masks)"
-            table = measurements.measurements_table(self.scene, m, name)
-            made = [table]
-            curve = self.volumeCurve(analysisFolder, nodes, m)
-            if curve is not None:
-                made.append(measurements.volume_curve_plot(self.scene, *curve, name=f"{nodes.sequence.GetName()} "
-                                                           "LV volume (current masks)", unit=m["unit"]))
-            self._measureNodes[browser.GetID()] = made
-        return m, table
-
-    def removeWithParts(self, node) -> None:
-        """Remove a table, or a chart with its series and their tables."""
-        if node is None or node.GetScene() is not self.scene:
-            return
-        if node.IsA("vtkMRMLPlotChartNode"):
-            for i in reversed(range(node.GetNumberOfPlotSeriesNodes())):
-                series = node.GetNthPlotSeriesNode(i)
-                if series is not None:
-                    self.removeWithParts(series.GetTableNode())
-                    self.scene.RemoveNode(series)
-        self.scene.RemoveNode(node)
-
-    def volumeCurve(self, analysisFolder: str, nodes, m: dict):
-        """(times, volumes) over all frames from the analysis, ED/ES replaced by ``m``; None without one."""
-        from EchoFMSlicerLib import ecg_nodes
-        if not analysisFolder:
-            return None
-        try:
-            result = json.loads((self.studyFolder(analysisFolder) / "result.json").read_text())
-        except (OSError, RuntimeError, ValueError):
-            return None
-        vols = list((result.get("measurements") or {}).get("lv_volume") or [])
-        if len(vols) != nodes.num_frames:
-            return None
-        for frame, key in ((m.get("ed_frame"), "edv"), (m.get("es_frame"), "esv")):
-            if frame is not None and 0 <= frame < len(vols):
-                vols[frame] = m.get(key)
-        if sum(v is not None for v in vols) < 2:
-            return None
-        times = [ecg_nodes.frame_marker_time(nodes.browser, i) for i in range(nodes.num_frames)]
-        return times, vols
-
-    def export(self, folder, browser, edSeg, esSeg, analysisFolder: str = "") -> list:
-        """The ED/ES masks (marked "corrected" or "AI" by whether they differ from the model's output),
-        their cine and a report (JSON + CSV) in the fine-tuning dataset layout. Returns the paths."""
-        from EchoFMSlicerLib import export, measurements, segmentation_nodes
-        if str(folder) in ("", "."):
-            raise ValueError("choose an export folder first")
-        if edSeg is None or esSeg is None:
-            raise ValueError("ED and ES masks are needed for an export")
-        nodes = self.cineNodes(browser)
-        cine = self.cine(browser)
-        prov = {"ED": self.provenance(edSeg), "ES": self.provenance(esSeg)}
-        for phase, info in prov.items():
-            if info["frame"] is None:
-                raise ValueError(f"the {phase} segmentation does not say which frame it belongs to "
-                                 f"(attribute {segmentation_nodes.FRAME_ATTR})")
-        view = None
-        if analysisFolder:
-            try:
-                view = (json.loads((self.studyFolder(analysisFolder) / "result.json").read_text()).get("view")
-                        or {}).get("label")
-            except (OSError, RuntimeError, ValueError):
-                view = None
-        edLabels = segmentation_nodes.segmentation_to_labels(edSeg, nodes.proxy)
-        esLabels = segmentation_nodes.segmentation_to_labels(esSeg, nodes.proxy)
-        m = measurements.measure_from_segmentations(edSeg, esSeg, nodes.proxy, nodes.spacing_mm)
-        csvPath = export.export_training_folder(folder, cine, edLabels, esLabels, prov["ED"]["frame"],
-                                                prov["ES"]["frame"], view=view,
-                                                source={k: v["source"] for k, v in prov.items()}, measurements=m)
-        study = pathlib.Path(folder) / "studies" / export.study_key(cine)
-        return [csvPath, study / "report.json", study / "report.csv"]
-
-    # ------------------------------------------------------------------ fine-tuning
-    def finetuneCommand(self, exportFolder, runFolder, steps: int, device: str = "auto", modelsFolder=None) -> list:
-        """``python train.py --config Resources/configs/finetune_segment.yaml data.kind=csv data.root=...``.
-
-        Starts from the models folder's current segmentation model when it has one (its input size and
-        frames then set the data's); every exported study trains, a share is held out for validation."""
-        root = self.engineRoot()
-        config = root / FINETUNE_CONFIG
-        if not config.is_file():
-            raise FileNotFoundError(f"fine-tuning config {config} is missing from this installation")
-        exportFolder = pathlib.Path(exportFolder)
-        if not (exportFolder / "dataset.csv").is_file():
-            raise ValueError(f"{exportFolder} holds no exported corrections (dataset.csv): use Export first")
-        if device not in DEVICES:
-            raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-        overrides = ["data.kind=csv", f"data.root={exportFolder}", "data.csv_file=dataset.csv",
-                     "data.val_split=null", "data.test_split=null",
-                     f"run.out={runFolder}", f"run.steps={int(steps)}", f"run.device={device}"]
-        start = self.currentModel("segment", modelsFolder) if modelsFolder else None
-        if start is not None:
-            from EchoFMEngine.models.task_checkpoint import read_task_description
-            size = read_task_description(start).get("input") or {}
-            overrides += [f"init_from={start}", f"model.img_size={int(size['height'])}",
-                          f"data.frames={int(size['frames'])}"]
-        return [*python_command(), str(root / "train.py"), "--config", str(config), *overrides]
-
-    @staticmethod
-    def currentModel(task: str, modelsFolder):
-        """The weights file the models folder serves for ``task`` (from its manifest), or None."""
-        manifest = pathlib.Path(modelsFolder) / "manifest.json"
-        try:
-            entry = json.loads(manifest.read_text()).get("tasks", {}).get(task)
-        except (OSError, ValueError):
-            return None
-        path = pathlib.Path(modelsFolder) / entry["file"] if entry else None
-        return path if path is not None and path.is_file() else None
-
-    @staticmethod
-    def finetunedModel(runFolder) -> pathlib.Path:
-        """The model folder a fine-tuning run wrote (``run.out/model``)."""
-        model = pathlib.Path(runFolder) / "model"
-        if not (model / "model.safetensors").is_file():
-            raise RuntimeError(f"the fine-tuning run wrote no model.safetensors in {model}")
-        return model
-
-    # ------------------------------------------------------------------ text for the panel
-    @staticmethod
-    def describeView(result: dict):
-        view = result.get("view")
-        if not view:
-            why = (result.get("needs") or {}).get("view", "no view model")
-            return "not identified", why
-        probs = sorted(view.get("probabilities", {}).items(), key=lambda kv: -kv[1])
-        return view["label"], ", ".join(f"{k} {v:.2f}" for k, v in probs)
-
-    @staticmethod
-    def describeScores(result: dict) -> str:
-        scores, needs = result.get("scores") or {}, result.get("needs") or {}
-        lines = []
-        for key, name in (("as", "Aortic stenosis"), ("ar", "Aortic regurgitation")):
-            s = scores.get(key)
-            if s:
-                p = s.get("probabilities", {})
-                lines.append(f"{name}: {s.get('label')}" + (f" (p={max(p.values()):.2f})" if p else ""))
-            else:
-                lines.append(f"{name}: not scored - {needs.get(key, 'no model')}")
-        ef = scores.get("ef_regression")
-        if ef:
-            lines.append(f"EF (regression head): {ef['ef_percent']:.1f} %")
-        return "\n".join(lines)
-
-    @staticmethod
-    def describePhase(phase: dict) -> str:
-        text = f"ED frames {phase.get('ed_frames')}, ES frames {phase.get('es_frames')} (from {phase.get('method')})"
-        if phase.get("heart_rate_bpm"):
-            text += f", heart rate {phase['heart_rate_bpm']:.0f} bpm"
-        return text
-
-    @staticmethod
-    def describeMeasurements(m: dict) -> str:
-        unit = m.get("unit", "")
-        parts = []
-        for key, name in (("edv", "EDV"), ("esv", "ESV"), ("la_volume", "LA")):
-            if m.get(key) is not None:
-                parts.append(f"{name} {m[key]:.1f} {unit}")
-        if m.get("ef_percent") is not None:
-            parts.append(f"EF {m['ef_percent']:.1f} %")
-        return ", ".join(parts) + ("\n" + "; ".join(m["notes"]) if m.get("notes") else "")
-
-    @staticmethod
-    def describeAnalysis(result: dict) -> str:
-        lines = []
-        if result.get("flags"):
-            lines.append("Flags: " + "; ".join(result["flags"]))
-        needs = {k: v for k, v in (result.get("needs") or {}).items() if k not in ("as", "ar")}
-        if needs:
-            lines.append("Not computed: " + "; ".join(f"{k} ({v})" for k, v in needs.items()))
-        return "\n".join(lines) or "Analysis complete."
+        return EchoFMSlicerParameterNode(ScriptedLoadableModuleLogic.getParameterNode(self))
 
 
 #
@@ -1019,7 +548,7 @@ class EchoFMSlicerTest(ScriptedLoadableModuleTest):
         self.test_EchoFMSlicer_workflow()
 
     def test_EchoFMSlicer_workflow(self):
-        missing = EchoFMSlicerLogic.missingPackages()
+        missing = EchoFMSlicerLogic.missing_packages()
         if missing:
             self.skipTest("EchoFM's Python packages are not installed: " + ", ".join(missing))
         import numpy as np
@@ -1032,19 +561,19 @@ class EchoFMSlicerTest(ScriptedLoadableModuleTest):
         logic = EchoFMSlicerLogic()
 
         self.delayDisplay("Load")
-        nodes = logic.loadCine(path)
-        self.assertEqual(logic.frameCount(nodes.browser), study.cine.num_frames)
+        nodes = logic.load_cine(path)
+        self.assertEqual(logic.frame_count(nodes.browser), study.cine.num_frames)
         self.assertIsNotNone(nodes.ecg_table)
+        logic.show_cine(nodes)
 
         self.delayDisplay("ED/ES")
-        phase = logic.detectPhase(nodes.browser)
-        self.assertTrue(phase["ed_frames"] and phase["es_frames"])
-        ed = int(phase["ed_frames"][0])
-        es = int(next((f for f in phase["es_frames"] if f > ed), phase["es_frames"][0]))
-        self.assertIs(logic.goToFrame(nodes.browser, ed), nodes.proxy)
+        phase = logic.detect_phase(nodes.browser)
+        self.assertEqual(phase["method"], "ecg")
+        ed, es = logic.first_ed_es(phase)
+        self.assertIs(logic.go_to_frame(nodes.browser, ed), nodes.proxy)
 
         self.delayDisplay("Masks from the phantom's truth")
-        edSeg, esSeg = logic.edEsSegmentations(nodes.browser, study.masks, ed, es)
+        edSeg, esSeg = logic.ed_es_segmentations(nodes.browser, study.masks, ed, es)
         self.assertTrue(np.array_equal(logic.labels(edSeg, nodes.browser), study.masks[ed]))
 
         self.delayDisplay("Measure")
@@ -1069,7 +598,7 @@ class EchoFMSlicerTest(ScriptedLoadableModuleTest):
         self.assertLess(m2["edv"], m["edv"])
 
         self.delayDisplay("Reset to the AI masks")
-        logic.resetToAI(edSeg)
+        logic.reset_to_ai(edSeg)
         self.assertEqual(logic.provenance(edSeg)["source"], "AI")
 
         self.delayDisplay("Export: the folder is a fine-tuning dataset")
@@ -1081,6 +610,6 @@ class EchoFMSlicerTest(ScriptedLoadableModuleTest):
         report = json.loads(pathlib.Path(written[1]).read_text())
         self.assertEqual((report["masks"]["ED"]["frame"], report["masks"]["ED"]["source"]), (ed, "AI"))
         self.assertEqual(len(build_dataset("csv", folder, split="train", csv_file="dataset.csv")), 1)
-        cmd = logic.finetuneCommand(folder, os.path.join(self.tmp, "run"), 2)
+        cmd = logic.finetune_command(folder, os.path.join(self.tmp, "run"), 2)
         self.assertIn(f"data.root={pathlib.Path(folder)}", cmd)
         self.delayDisplay("Test passed")

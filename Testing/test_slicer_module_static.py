@@ -3,8 +3,9 @@
 The .ui parses and holds every widget the code names; every SlicerParameterName is a field of the
 parameter node, on a widget kind the parameterNodeWrapper can bind to that field's type; the
 CMakeLists list every file of the module and only files that exist; the icon is a 128x128 PNG;
-EchoFMSlicer.py imports only what Slicer's Python has before the engine's packages are installed;
-every library function the module calls exists in EchoFMSlicerLib.
+EchoFMSlicer.py (and the logic it loads) imports only what Slicer's Python has before the engine's
+packages are installed; the module file is a thin shell over EchoFMSlicerLib.logic.EchoFMLogic, and
+every logic method the widget calls and every library function the logic calls exists.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ SCRIPT = MODULE / "EchoFMSlicer.py"
 UI = MODULE / "Resources" / "UI" / "EchoFMSlicer.ui"
 ICON = MODULE / "Resources" / "Icons" / "EchoFMSlicer.png"
 LIB = MODULE / "EchoFMSlicerLib"
+LOGIC = LIB / "logic.py"
 
 # Which widget classes the parameterNodeWrapper's GUI connectors bind to which field types.
 NODE_WIDGETS = {"qMRMLNodeComboBox", "qMRMLSubjectHierarchyComboBox", "qMRMLSubjectHierarchyTreeView"}
@@ -60,6 +62,26 @@ def base_type(annotation: str) -> str:
     m = re.match(r"Annotated\[\s*([\w.]+)", annotation)
     name = m.group(1) if m else annotation
     return name.rsplit(".", 1)[-1]
+
+
+def top_level_imports(stmts):
+    """Modules imported when a file loads (not inside functions): names, with '.' prefixes for relative ones."""
+    for s in stmts:
+        if isinstance(s, ast.Import):
+            yield from (a.name for a in s.names)
+        elif isinstance(s, ast.ImportFrom):
+            if s.level and not s.module:
+                yield from ("." * s.level + a.name for a in s.names)
+            else:
+                yield "." * s.level + (s.module or "")
+        elif isinstance(s, (ast.Try, ast.If)):
+            for block in (s.body, getattr(s, "orelse", []), *[h.body for h in getattr(s, "handlers", [])]):
+                yield from top_level_imports(block)
+
+
+def class_methods(tree, name: str) -> set:
+    cls = next(c for c in tree.body if isinstance(c, ast.ClassDef) and c.name == name)
+    return {f.name for f in cls.body if isinstance(f, ast.FunctionDef)}
 
 
 def cmake_list(text: str, var: str) -> list[str]:
@@ -124,32 +146,55 @@ def test_every_scene_widget_gets_the_scene(ui):
 def test_module_script_compiles_and_imports_only_what_slicer_has(tree):
     compile(SCRIPT.read_text(), str(SCRIPT), "exec")
     allowed = {"slicer", "qt", "ctk", "vtk", "EchoFMSlicerLib", "EchoFMEngine"} | set(sys.stdlib_module_names)
-
-    def top_level_imports(stmts):
-        for s in stmts:
-            if isinstance(s, ast.Import):
-                yield from (a.name for a in s.names)
-            elif isinstance(s, ast.ImportFrom):
-                assert s.level == 0, "relative import in a Slicer module script"
-                yield s.module
-            elif isinstance(s, (ast.Try, ast.If)):
-                for block in (s.body, getattr(s, "orelse", []), *[h.body for h in getattr(s, "handlers", [])]):
-                    yield from top_level_imports(block)
-
     found = set(top_level_imports(tree.body))
+    assert not any(m.startswith(".") for m in found), "relative import in a Slicer module script"
     assert {"slicer", "qt", "EchoFMEngine"} <= {m.split(".")[0] for m in found}
     bad = {m for m in found if m.split(".")[0] not in allowed}
     assert not bad, f"top-level imports Slicer's Python may lack: {sorted(bad)}"
     lib_top = {m for m in found if m.startswith("EchoFMSlicerLib")}
-    assert lib_top <= {"EchoFMSlicerLib", "EchoFMSlicerLib.runner", "EchoFMSlicerLib.dependencies"}, \
-        "only the std-lib-only parts of the library may load with the module (the rest needs numpy/engine packages)"
+    assert lib_top == {"EchoFMSlicerLib.logic"}, "the module reaches the library through EchoFMSlicerLib.logic"
+
+
+def test_the_logic_loads_before_the_engines_packages_are_installed():
+    """logic.py, and every library file it imports when it loads, need only the standard library,
+    slicer and vtk (numpy, the engine and the MRML helpers load inside methods, on first use)."""
+    allowed = {"slicer", "vtk"} | set(sys.stdlib_module_names)
+    seen, todo = set(), ["logic"]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for m in top_level_imports(ast.parse((LIB / f"{name}.py").read_text()).body):
+            if m.startswith("."):
+                todo.append(m.lstrip(".").split(".")[0])
+            else:
+                assert m.split(".")[0] in allowed, f"EchoFMSlicerLib/{name}.py loads {m} at import time"
+    assert {"logic", "scene", "runner", "dependencies"} <= seen
+    assert not seen & {"cine_nodes", "segmentation_nodes", "measurements", "export", "results", "ecg_nodes"}
+
+
+def test_module_file_is_a_thin_shell_over_the_logic(tree):
+    """EchoFMSlicerLogic only binds EchoFMLogic to the application and adds the parameter node; every
+    ``self.logic.X`` the widget uses is a method or attribute of the two."""
+    assert class_methods(tree, "EchoFMSlicerLogic") == {"__init__", "getParameterNode"}
+    logic_tree = ast.parse(LOGIC.read_text())
+    core = class_methods(logic_tree, "EchoFMLogic") | {
+        t.attr for n in ast.walk(logic_tree) if isinstance(n, ast.Assign) for t in n.targets
+        if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    widget = next(c for c in tree.body if isinstance(c, ast.ClassDef) and c.name == "EchoFMSlicerWidget")
+    used = {n.attr for n in ast.walk(widget) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute)
+            and n.value.attr == "logic" and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"}
+    assert len(used) > 25                                     # the walk really found the widget's calls
+    unknown = used - core - {"getParameterNode"}
+    assert not unknown, f"the widget calls logic members that do not exist: {sorted(unknown)}"
 
 
 def test_module_classes_follow_the_slicer_template(tree):
     classes = {c.name: [ast.unparse(b) for b in c.bases] for c in tree.body if isinstance(c, ast.ClassDef)}
     assert classes["EchoFMSlicer"] == ["ScriptedLoadableModule"]
     assert classes["EchoFMSlicerWidget"] == ["ScriptedLoadableModuleWidget", "VTKObservationMixin"]
-    assert classes["EchoFMSlicerLogic"] == ["ScriptedLoadableModuleLogic"]
+    assert classes["EchoFMSlicerLogic"] == ["EchoFMLogic", "ScriptedLoadableModuleLogic"]
     assert classes["EchoFMSlicerTest"] == ["ScriptedLoadableModuleTest"]
     text = SCRIPT.read_text()
     assert 'self.parent.title = "EchoFM"' in text and 'self.parent.categories = ["Cardiac"]' in text
@@ -184,14 +229,15 @@ def test_every_button_handler_shows_errors(tree):
     assert not unguarded, f"button handlers without tryWithErrorDisplay: {unguarded}"
 
 
-def test_library_functions_the_module_calls_exist():
-    """``libmodule.function`` calls in EchoFMSlicer.py name functions EchoFMSlicerLib defines (contract F)."""
-    tree = ast.parse(SCRIPT.read_text())
+def test_library_functions_the_logic_and_the_module_call_exist():
+    """``libmodule.function`` uses in logic.py and EchoFMSlicer.py name what EchoFMSlicerLib defines (contract F)."""
+    tree = ast.Module(body=ast.parse(LOGIC.read_text()).body + ast.parse(SCRIPT.read_text()).body, type_ignores=[])
     aliases = {}
     for n in ast.walk(tree):
-        if isinstance(n, ast.ImportFrom) and n.module == "EchoFMSlicerLib":
+        if isinstance(n, ast.ImportFrom) and (n.module == "EchoFMSlicerLib" or (n.level == 1 and not n.module)):
             aliases.update({(a.asname or a.name): a.name for a in n.names})
-    assert {"cine_nodes", "segmentation_nodes", "measurements", "export", "results"} <= set(aliases.values())
+    assert {"cine_nodes", "segmentation_nodes", "measurements", "export", "results", "ecg_nodes",
+            "dependencies"} <= set(aliases.values())
     calls = {(aliases[n.value.id], n.attr) for n in ast.walk(tree)
              if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id in aliases}
     defined = {}
@@ -203,7 +249,7 @@ def test_library_functions_the_module_calls_exist():
             {t.id for s in body if isinstance(s, ast.Assign) for t in s.targets if isinstance(t, ast.Name)} | \
             {a.asname or a.name for s in body if isinstance(s, ast.ImportFrom) for a in s.names}
     missing = sorted(f"{m}.{f}" for m, f in calls if f not in defined[m])
-    assert not missing, f"EchoFMSlicer.py calls library names that do not exist: {missing}"
+    assert not missing, f"logic.py / EchoFMSlicer.py use library names that do not exist: {missing}"
 
 
 def test_library_stays_qt_free():
@@ -217,6 +263,7 @@ def test_library_stays_qt_free():
                 and isinstance(n.value, ast.Name) and n.value.id == "slicer"}
         bad = used & {"slicer.app", "slicer.mrmlScene", "slicer.modules", "slicer.ScriptedLoadableModule"}
         assert not bad, f"{path.name} uses {sorted(bad)}: the library takes the scene and logics as arguments"
+    assert "slicer.util" not in LOGIC.read_text(), "dialogs and other slicer.util calls stay in the widget"
 
 
 # ---------------------------------------------------------------------- CMake, icon

@@ -22,6 +22,7 @@ _API = {
     "measurements": ["measure_from_segmentations", "measurements_table", "table_rows", "volume_curve_plot"],
     "export": ["export_training_folder", "write_report", "study_key"],
     "results": ["apply_analysis_result", "read_analysis_result"],
+    "logic": ["EchoFMLogic"],
 }
 _WHERE = {name: module for module, names in _API.items() for name in names}
 __all__ = sorted(_WHERE)
