@@ -77,7 +77,7 @@ def _period_from_features(features: np.ndarray, fps: float, min_hr_bpm: float,
 
 
 # ----------------------------------------------------------------------------- ECG
-def _ecg_peak_frames(cine: Cine) -> Optional[np.ndarray]:
+def ecg_peak_frames(cine: Cine) -> Optional[np.ndarray]:
     """Frames of the R peaks of the cine's ECG (``T`` for a peak just after the last frame, which
     closes the last cycle); None when there is no ECG covering the clip with at least two beats."""
     ecg = cine.ecg
@@ -119,7 +119,7 @@ def _darkness(features_raw: np.ndarray) -> np.ndarray:
     return -features_raw[:, moving].mean(axis=1)
 
 
-def _noise_level(v: np.ndarray) -> float:
+def noise_level(v: np.ndarray) -> float:
     """Robust frame-to-frame noise of a 1-D signal (MAD of its residual from a 3-frame median)."""
     if v.size < 3:
         return 0.0
@@ -127,7 +127,7 @@ def _noise_level(v: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(v[1:-1] - med)))
 
 
-def _peak_runs(v: np.ndarray, min_dist: int, rel_prominence: float = 0.3) -> list:
+def peak_runs(v: np.ndarray, min_dist: int, rel_prominence: float = 0.3) -> list:
     """Maxima of v as runs (lo, hi) of frames within noise of the peak value; ends of v allowed."""
     span = float(v.max() - v.min())
     if span <= 0:
@@ -135,7 +135,7 @@ def _peak_runs(v: np.ndarray, min_dist: int, rel_prominence: float = 0.3) -> lis
     pad = v.min() - 1e-9 * span - 1e-12
     idx, _ = find_peaks(np.concatenate([[pad], v, [pad]]), distance=max(1, min_dist),
                         prominence=rel_prominence * span)
-    tol = max(3.0 * _noise_level(v), 0.03 * span)
+    tol = max(3.0 * noise_level(v), 0.03 * span)
     runs = []
     for i in idx - 1:
         lo = hi = int(i)
@@ -195,17 +195,17 @@ def image_cycle_starts(cine: Cine, min_hr_bpm: float = 30, max_hr_bpm: float = 2
     dark = np.convolve(_darkness(x), np.ones(3) / 3, mode="same")
     ref = int(np.argmax(dark[1:-1]) + 1)
     s = _cosine_to(x, x[ref])
-    ed0 = [int(round((lo + hi) / 2)) for lo, hi in _peak_runs(s, min_dist)]
+    ed0 = [int(round((lo + hi) / 2)) for lo, hi in peak_runs(s, min_dist)]
     if not ed0:
         return np.zeros(0, dtype=int)
     s = _cosine_to(x, x[ed0].mean(axis=0))
-    es0 = [int(round((lo + hi) / 2)) for lo, hi in _peak_runs(-s, min_dist)]
+    es0 = [int(round((lo + hi) / 2)) for lo, hi in peak_runs(-s, min_dist)]
     if not es0:
         return np.zeros(0, dtype=int)
     direction = x[ed0].mean(axis=0) - x[es0].mean(axis=0)
     direction[np.abs(direction) < 0.3 * np.abs(direction).max()] = 0.0  # keep the moving borders
     volume_like = x @ (direction / max(np.linalg.norm(direction), 1e-12))
-    return _run_centres(_peak_runs(volume_like, min_dist), volume_like, T)
+    return _run_centres(peak_runs(volume_like, min_dist), volume_like, T)
 
 
 # ----------------------------------------------------------------------------- cycles
@@ -223,7 +223,7 @@ def _pairs(starts: np.ndarray, fps: float, min_hr_bpm: float, max_hr_bpm: float)
 def cycle_starts(cine: Cine, min_hr_bpm: float = 30, max_hr_bpm: float = 200, use_ecg: bool = True) -> np.ndarray:
     """ED / R-peak frames: from the ECG when one spans the clip, else from the images."""
     if use_ecg:
-        frames = _ecg_peak_frames(cine)
+        frames = ecg_peak_frames(cine)
         if frames is not None:  # a usable ECG is trusted even when the clip holds no full beat
             return frames
     return image_cycle_starts(cine, min_hr_bpm, max_hr_bpm)

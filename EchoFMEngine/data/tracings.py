@@ -58,7 +58,7 @@ def rasterise_tracing(rows: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         raise ValueError(f"a tracing needs a long axis and >= 2 chords, got {rows.shape[0]} row(s)")
     x, y = tracing_polygon(rows)
     mask = np.zeros(shape, dtype=bool)
-    rr, cc = draw_polygon(np.rint(y), np.rint(x), shape)
+    rr, cc = draw_polygon(y, x, shape)
     mask[rr, cc] = True
     return mask
 
