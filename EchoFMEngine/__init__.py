@@ -15,6 +15,7 @@ _LAZY = {
     "load_cine": ("EchoFMEngine.io", "load_cine"),
     "build_echofm": ("EchoFMEngine.models", "build_echofm"),
     "load_official_checkpoint": ("EchoFMEngine.models", "load_official_checkpoint"),
+    "analyze": ("EchoFMEngine.analysis", "analyze"),
 }
 
 

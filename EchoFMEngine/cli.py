@@ -14,6 +14,10 @@ COMMANDS = {
     "prepare": ("EchoFMEngine.data.prepare", "cut full-cycle clips from a tree of studies into a cache"),
     "bench": ("EchoFMEngine.bench", "benchmarks: model, io, train, analyze"),
     "info": ("EchoFMEngine.models.checkpoint", "describe a checkpoint file"),
+    "finetune": ("EchoFMEngine.training.entry", "fine-tune a downstream task (same as train.py --config)"),
+    "evaluate": ("EchoFMEngine.evaluation.evaluate", "evaluate a fine-tuned checkpoint: metrics.json + figures"),
+    "analyze": ("EchoFMEngine.analysis", "analyse cine loops: view, ED/ES, masks, volumes, EF, scores"),
+    "models": ("EchoFMEngine.models.registry", "the local models folder: list, import a weights file"),
 }
 
 

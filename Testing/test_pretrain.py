@@ -129,6 +129,10 @@ def test_demo_runs_end_to_end_with_a_short_schedule(tmp_path):
     assert 0.0 <= seg["held_out"]["mean_dice"] <= 1.0 and seg["held_out"]["n_clips"] == 2
     desc = json.loads((tmp_path / "demo" / "segment" / "model" / "config.json").read_text())
     assert desc["task"] == "segment"
+    ana = metrics["analysis"]           # the fine-tuned segmenter, imported and run by analyze
+    assert ana["phase_method"] == "ecg" and len(ana["ed_frames"]) == len(ana["true_ed_frames"])
+    assert "segment" not in ana["not_computed"] and "view" in ana["not_computed"]
+    assert (tmp_path / "demo" / "analysis" / "phantom_a4c" / "masks.nrrd").is_file()
 
 
 @pytest.mark.parametrize("name", ["demo", "pretrain_vitl_paper", "pretrain_vitb"])

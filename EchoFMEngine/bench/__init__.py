@@ -8,6 +8,7 @@ BENCHES = {
     "model": "EchoFMEngine.bench.model",
     "io": "EchoFMEngine.bench.io",
     "train": "EchoFMEngine.bench.train",
+    "analyze": "EchoFMEngine.bench.analyze",
 }
 
 

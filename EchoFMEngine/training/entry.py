@@ -1,11 +1,14 @@
-"""Dispatch a training config to its loop by its ``task`` key (pretrain now; fine-tuning tasks later)."""
+"""Dispatch a training config to its loop by its ``task`` key: pretraining or a fine-tuning task."""
 from __future__ import annotations
 
 import sys
 
 import yaml
 
-LOOPS = {"pretrain": "EchoFMEngine.training.pretrain"}
+from .config import FINETUNE_TASKS
+
+LOOPS = {"pretrain": "EchoFMEngine.training.pretrain",
+         **{task: "EchoFMEngine.training.finetune" for task in FINETUNE_TASKS}}
 
 
 def cli(argv: list[str]) -> int:

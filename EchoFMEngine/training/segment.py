@@ -11,6 +11,7 @@ import copy
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional, Sequence, Union
 
@@ -22,9 +23,9 @@ from safetensors.torch import save_file
 
 from ..metrics import assd, bootstrap_ci, dice, hd95, iou
 from ..models import EchoFM
-from ..models.heads import EchoFMSegmenter
+from ..models.heads import ENCODER_UNUSED, EchoFMSegmenter
 from .data import phantom_clip
-from .optim import skips_decay
+from .layer_decay import layer_id, param_groups  # noqa: F401  (public here too)
 
 LABEL_NAMES = {0: "background", 1: "lv_cavity", 2: "lv_myocardium", 3: "la"}
 STRUCTURES = {"lv_endo": (1,), "lv_epi": (1, 2), "la": (3,)}   # structure -> labels it unites
@@ -81,37 +82,7 @@ def batch_loss(model: EchoFMSegmenter, batch: dict) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- optimisation
-def layer_id(name: str, depth: int) -> int:
-    """Depth of an encoder parameter for layer-wise lr decay: embeddings 0, block i -> i+1, rest depth+1."""
-    if name.startswith(("patch_embed", "cls_token", "pos_embed")):
-        return 0
-    if name.startswith("blocks."):
-        return int(name.split(".")[1]) + 1
-    return depth + 1
-
-
-def param_groups(model: EchoFMSegmenter, lr: float, weight_decay: float, layer_decay: float) -> list[dict]:
-    """AdamW groups: head at ``lr``; encoder block i at ``lr * layer_decay**(depth + 1 - (i+1))``
-    (BEiT/MAE layer-wise decay); no weight decay on biases, norms, tokens and tables."""
-    depth = model.cfg.depth
-    skip = model.encoder.no_weight_decay()
-    groups: dict = {}
-    named = [(f"encoder.{n}", n, p) for n, p in model.encoder.named_parameters()] + \
-            [(f"head.{n}", None, p) for n, p in model.head.named_parameters()]
-    for full, enc_name, p in named:
-        if not p.requires_grad:
-            continue
-        lid = depth + 1 if enc_name is None else layer_id(enc_name, depth)
-        nd = skips_decay(enc_name or full, p, skip)
-        key = (lid, nd)
-        if key not in groups:
-            groups[key] = {"params": [], "lr": lr * layer_decay ** (depth + 1 - lid),
-                           "weight_decay": 0.0 if nd else weight_decay}
-        groups[key]["params"].append(p)
-    return list(groups.values())
-
-
-ENCODER_UNUSED = ("projector", "decoder", "mask_token")   # EchoFM parts a segmenter never runs
+# layer_id / param_groups live in layer_decay.py (shared by every task); kept importable from here.
 
 
 def finetune_segmentation(encoder: EchoFM, train_items: Sequence[dict], steps: int = 300, lr: float = 1e-3,
@@ -130,9 +101,6 @@ def finetune_segmentation(encoder: EchoFM, train_items: Sequence[dict], steps: i
 
     torch.manual_seed(seed)
     model = EchoFMSegmenter(copy.deepcopy(encoder), freeze_encoder=freeze_encoder, width=width)
-    for name, p in model.encoder.named_parameters():
-        if name.startswith(ENCODER_UNUSED):
-            p.requires_grad_(False)
     opt = torch.optim.AdamW(param_groups(model, lr, weight_decay, layer_decay), betas=(0.9, 0.999))
     for g in opt.param_groups:
         g["base_lr"] = g["lr"]
@@ -189,30 +157,56 @@ def evaluate_segmentation(model: EchoFMSegmenter, items: Sequence[dict], n_boot:
     """Per-structure Dice / IoU / HD95 / ASSD (mm) on the labelled frames of ``items``.
 
     Cases are labelled frames. Each structure gets the mean, SD and a 95 % bootstrap CI of its
-    Dice; ``mean_dice`` averages the three structures (the paper's mDice) with a CI from
+    Dice; ``mean_dice`` averages the structures (the paper's mDice) with a CI from
     resampling frames jointly. Surface distances use ``nanmean`` (undefined when a structure is
     missing from one mask; ``n_undefined`` counts those)."""
     preds = predict_items(model, items, labelled_only=True)
-    rows = {s: {"dice": [], "iou": [], "hd95": [], "assd": []} for s in STRUCTURES}
-    for item, pred in zip(items, preds):
-        for p, r in zip(pred.numpy(), item["masks"][item["mask_valid"]].numpy()):
-            for s, labels in STRUCTURES.items():
+    refs = [item["masks"][item["mask_valid"]] for item in items]
+    return score_label_maps(preds, refs, [item.get("spacing_mm") for item in items],
+                            structures_for(model.head.n_classes), n_boot=n_boot, seed=seed)
+
+
+def structures_for(n_classes: int) -> dict:
+    """The scored structures whose labels a model with ``n_classes`` classes can predict
+    (4 classes: LV endo, LV epi, LA; 2 classes, e.g. EchoNet-Dynamic's LV masks: LV endo)."""
+    return {s: labels for s, labels in STRUCTURES.items() if max(labels) < n_classes}
+
+
+def score_label_maps(preds: Sequence, refs: Sequence, spacings: Sequence, structures: Optional[dict] = None,
+                     n_boot: int = 1000, seed: int = 0) -> dict:
+    """Scores of predicted vs reference label maps: one ``[K,H,W]`` pair and one spacing
+    (``(row_mm, col_mm)`` or None: distances in pixels) per clip; see :func:`evaluate_segmentation`."""
+    structures = dict(STRUCTURES if structures is None else structures)
+    if not structures:
+        raise ValueError("no structure to score")
+    rows = {s: {"dice": [], "iou": [], "hd95": [], "assd": []} for s in structures}
+    unit = set()
+    for pred, ref, spacing in zip(preds, refs, spacings):
+        unit.add("mm" if spacing is not None else "px")
+        for p, r in zip(np.asarray(pred), np.asarray(ref)):
+            for s, labels in structures.items():
                 pm, rm = np.isin(p, labels), np.isin(r, labels)
                 rows[s]["dice"].append(dice(pm, rm))
                 rows[s]["iou"].append(iou(pm, rm))
-                rows[s]["hd95"].append(hd95(pm, rm, item["spacing_mm"]))
-                rows[s]["assd"].append(assd(pm, rm, item["spacing_mm"]))
-    result: dict = {"n_clips": len(items), "n_frames": len(rows["lv_endo"]["dice"]), "structures": {}}
-    for s, r in rows.items():
-        d = np.asarray(r["dice"])
-        result["structures"][s] = {
-            "dice": float(d.mean()), "dice_sd": float(d.std()), "dice_ci95": bootstrap_ci(np.mean, d, n=n_boot,
-                                                                                        seed=seed),
-            "iou": float(np.mean(r["iou"])),
-            "hd95_mm": float(np.nanmean(r["hd95"])), "assd_mm": float(np.nanmean(r["assd"])),
-            "n_undefined": int(np.isnan(r["hd95"]).sum()),
-        }
-    per_frame = np.mean([rows[s]["dice"] for s in STRUCTURES], axis=0)
+                rows[s]["hd95"].append(hd95(pm, rm, spacing))
+                rows[s]["assd"].append(assd(pm, rm, spacing))
+    first = next(iter(structures))
+    if not rows[first]["dice"]:
+        raise ValueError("no labelled frame to score (mask_valid is False everywhere)")
+    result: dict = {"n_clips": len(preds), "n_frames": len(rows[first]["dice"]),
+                    "distance_unit": "/".join(sorted(unit)), "structures": {}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)          # nanmean of all-nan: reported as nan
+        for s, r in rows.items():
+            d = np.asarray(r["dice"])
+            result["structures"][s] = {
+                "dice": float(d.mean()), "dice_sd": float(d.std()),
+                "dice_ci95": bootstrap_ci(np.mean, d, n=n_boot, seed=seed),
+                "iou": float(np.mean(r["iou"])),
+                "hd95_mm": float(np.nanmean(r["hd95"])), "assd_mm": float(np.nanmean(r["assd"])),
+                "n_undefined": int(np.isnan(r["hd95"]).sum()),
+            }
+    per_frame = np.mean([rows[s]["dice"] for s in structures], axis=0)
     result["mean_dice"] = float(per_frame.mean())
     result["mean_dice_ci95"] = bootstrap_ci(np.mean, per_frame, n=n_boot, seed=seed)
     for key in ("iou", "hd95_mm", "assd_mm"):

@@ -1,0 +1,234 @@
+"""One call from a cine loop to everything the models and the measurements can say about it.
+
+:func:`analyze` reads the cine, checks it, finds ED/ES, runs whichever fine-tuned models the
+models folder holds (view, segmentation, AS, EF regression), measures volumes and EF from the
+masks (the model's, or the user's), and returns a :class:`StudyResult`. A result field is
+``None`` when it could not be computed, and ``needs`` says which weights would fill it; no field
+is ever guessed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Union
+
+import numpy as np
+
+from ..cine import Cine
+from ..models.registry import ModelStore
+
+LOW_CONFIDENCE = 0.6          # top view probability below this -> flag "low_view_confidence"
+SEGMENT_LABELS = {"0": "background", "1": "lv_cavity", "2": "lv_myocardium", "3": "la"}
+
+
+@dataclass
+class StudyResult:
+    """What :func:`analyze` found for one cine; ``to_dict()`` is what ``result.json`` holds."""
+
+    input: str
+    cine: dict
+    view: Optional[dict] = None
+    phase: Optional[dict] = None
+    segmentation: Optional[dict] = None
+    measurements: Optional[dict] = None
+    scores: dict = field(default_factory=lambda: {"as": None, "ar": None, "ef_regression": None})
+    flags: list = field(default_factory=list)
+    needs: dict = field(default_factory=dict)
+    timing_s: dict = field(default_factory=dict)
+    masks: Optional[np.ndarray] = field(default=None, repr=False)   # [T, H, W] uint8, original pixels
+    study_id: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("masks")
+        return d
+
+
+def _resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
+    return torch.device(device)
+
+
+def _cine_facts(cine: Cine) -> dict:
+    T, H, W = cine.shape
+    return {"frames": T, "height": H, "width": W, "fps": round(cine.fps, 4),
+            "duration_s": round(cine.duration_s, 4),
+            "spacing_mm": list(cine.spacing_mm) if cine.spacing_mm else None,
+            "has_ecg": cine.ecg is not None, "format": cine.source.format}
+
+
+def quality_flags(cine: Cine) -> list[str]:
+    """Flags that need no model: wrong modality, a still image, unknown spacing, no ECG."""
+    flags = []
+    modality = str(cine.source.extra.get("modality", "")).upper()
+    if modality and modality != "US":
+        flags.append(f"not_echo: DICOM modality {modality}")
+    if cine.num_frames < 2:
+        flags.append("single_frame")
+    if cine.spacing_mm is None:
+        flags.append("unknown_spacing: volumes in pixel units, not ml")
+    if cine.ecg is None:
+        flags.append("no_ecg")
+    return flags
+
+
+def check_masks(masks, cine: Cine) -> np.ndarray:
+    """User masks ``[T, H, W]`` (labels 0-3, zero on unlabelled frames) checked against the cine."""
+    m = np.asarray(masks)
+    if m.ndim == 2 and cine.num_frames == 1:
+        m = m[None]
+    if m.shape != cine.shape:
+        raise ValueError(f"masks have shape {m.shape} but the cine is {cine.shape} (frames, rows, cols)")
+    if m.min() < 0 or m.max() > 3:
+        raise ValueError(f"mask labels must lie in 0-3 (0 background, 1 LV cavity, 2 myocardium, 3 LA), "
+                         f"found {int(m.min())}..{int(m.max())}")
+    return m.astype(np.uint8)
+
+
+class ModelSet(dict):
+    """Loaded models by task, plus why the missing ones are missing (``reasons``)."""
+
+    def __init__(self, models=(), reasons=None):
+        super().__init__(models)
+        self.reasons = dict(reasons or {})
+
+
+def load_models(models=None, device: str = "auto", tasks=("view", "segment", "as", "ef")) -> ModelSet:
+    """Load every task model a models folder holds, once (for batches and interactive use)."""
+    from ..models.task_checkpoint import load_task_model
+
+    store = models if isinstance(models, ModelStore) else ModelStore(models)
+    dev = _resolve_device(device)
+    loaded = ModelSet(reasons=store.missing(tasks))
+    for task in tasks:
+        path = store.get(task)
+        if path is not None:
+            loaded[task] = load_task_model(path, task=task, map_location="cpu").to(dev).eval()
+    return loaded
+
+
+def _load(models: Mapping, task: str, device, needs: dict):
+    """The ``task`` model, else None with the reason recorded in ``needs``."""
+    model = models.get(task)
+    if model is None:
+        needs[task] = getattr(models, "reasons", {}).get(task, f"no '{task}' model given")
+        return None
+    return model.to(device).eval()
+
+
+def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, ModelStore, Mapping, None] = None,
+            device: str = "auto", masks=None, segment: str = "ed_es",
+            max_cycles: Optional[int] = None) -> StudyResult:
+    """Analyse one cine loop.
+
+    ``models``: a models folder (default ``$ECHOFM_MODELS`` or ``~/.echofm/models``), a
+    :class:`ModelStore`, or ``{task: model}`` of loaded models carrying their ``description``;
+    ``masks``: optional label maps ``[T, H, W]`` from the user (used instead of a segmenter);
+    ``segment``: ``"ed_es"`` (segment the ED and ES frames) or ``"all"`` (every frame);
+    ``max_cycles``: run the models on the first N full cycles only (faster; default: every cycle).
+    Raises :class:`~EchoFMEngine.cine.CineReadError` for an unreadable file and ValueError for
+    masks that do not match the frames; everything else is reported through flags."""
+    from ..io import load_cine
+    from ..measure import cardiac_measurements
+    from ..phase import detect_ed_es
+    from . import inference
+
+    if segment not in ("ed_es", "all"):
+        raise ValueError(f"segment must be 'ed_es' or 'all', got {segment!r}")
+    t0 = time.perf_counter()
+    cine = cine_or_path if isinstance(cine_or_path, Cine) else load_cine(cine_or_path)
+    name = cine.source.file_name or (Path(cine_or_path).name if not isinstance(cine_or_path, Cine) else "array")
+    res = StudyResult(input=name, cine=_cine_facts(cine), flags=quality_flags(cine))
+    user_masks = check_masks(masks, cine) if masks is not None else None
+    dev = _resolve_device(device)
+    store = models if isinstance(models, Mapping) else load_models(models, device)
+    cache: dict = {}
+    res.timing_s["read"] = time.perf_counter() - t0
+
+    if cine.num_frames < 2:
+        res.needs["phase"] = "ED/ES need a cine loop of at least two frames"
+        if user_masks is not None:
+            res.flags.append("masks_unused: a single frame has no ED/ES")
+        return res
+
+    # ED/ES without a segmenter first (ECG, else images); refined below when masks arrive.
+    t = time.perf_counter()
+    phase = detect_ed_es(cine, masks=user_masks)
+    res.timing_s["phase"] = time.perf_counter() - t
+    cycles = [(a, b) for a, b in zip(phase.ed_frames[:-1], phase.ed_frames[1:])]
+    if max_cycles is not None and cycles:
+        cycles = cycles[:max(1, int(max_cycles))]
+    span = (cycles[0][0], cycles[-1][1]) if cycles else (0, cine.num_frames - 1)
+    period = float(np.median(np.diff(phase.ed_frames))) if len(phase.ed_frames) > 1 else None
+
+    # View and disease scores: classifiers over one window per cycle, probabilities averaged.
+    t = time.perf_counter()
+    view_model = _load(store, "view", dev, res.needs)
+    if view_model is not None:
+        _, size = inference.input_size(view_model)
+        p = inference.clip_outputs(view_model, cine, inference.prepare(cine, size, cache), cycles, dev).mean(0)
+        labels = view_model.description["labels"]
+        res.view = {"label": labels[int(np.argmax(p))], "probabilities": dict(zip(labels, map(float, p))),
+                    "windows": len(cycles) or 1}
+        if float(p.max()) < LOW_CONFIDENCE:
+            res.flags.append(f"low_view_confidence: {float(p.max()):.2f}")
+    as_model = _load(store, "as", dev, res.needs)
+    if as_model is not None:
+        _, size = inference.input_size(as_model)
+        p = inference.clip_outputs(as_model, cine, inference.prepare(cine, size, cache), cycles, dev).mean(0)
+        labels = as_model.description["labels"]
+        res.scores["as"] = {"label": labels[int(np.argmax(p))], "probabilities": dict(zip(labels, map(float, p)))}
+    res.needs["ar"] = ("AR severity is scored per study from several colour Doppler views (A3C, A5C, PSAX, "
+                       "PLAX); a single cine cannot be scored")
+    ef_model = _load(store, "ef", dev, res.needs)
+    if ef_model is not None:
+        _, size = inference.input_size(ef_model)
+        y = inference.clip_outputs(ef_model, cine, inference.prepare(cine, size, cache), cycles, dev)
+        res.scores["ef_regression"] = {"ef_percent": float(np.mean(y)), "per_window": [float(v) for v in y]}
+    res.timing_s["classify"] = time.perf_counter() - t
+
+    # Masks: the user's, else the segmenter's (ED/ES or every frame).
+    t = time.perf_counter()
+    labels_map, source = user_masks, "user"
+    if labels_map is None:
+        seg_model = _load(store, "segment", dev, res.needs)
+        if seg_model is not None:
+            _, size = inference.input_size(seg_model)
+            prepared = inference.prepare(cine, size, cache)
+            if segment == "all" or not phase.ed_frames:
+                wanted = list(range(cine.num_frames))
+            else:
+                wanted = sorted(f for f in set(phase.ed_frames) | set(phase.es_frames) if span[0] <= f <= span[1])
+            labels_map = inference.segment_frames(seg_model, cine, prepared, wanted, period, dev)
+            source = "model"
+            if segment == "all" and cine.ecg is None:   # the LV area curve is a better ED/ES cue than pixels
+                phase = detect_ed_es(cine, masks=labels_map)
+    res.timing_s["segment"] = time.perf_counter() - t
+    res.phase = phase.to_dict()
+    res.phase["analysed_cycles"] = [list(c) for c in cycles]
+    if len(phase.ed_frames) < 2:
+        res.flags.append("no_full_cycle: fewer than two ED frames in the clip")
+
+    if labels_map is not None:
+        frames = [int(f) for f in np.flatnonzero(labels_map.reshape(cine.num_frames, -1).any(1))]
+        res.masks = labels_map
+        res.segmentation = {"source": source, "frames": frames, "labels": SEGMENT_LABELS}
+        t = time.perf_counter()
+        try:
+            res.measurements = cardiac_measurements(labels_map, cine.spacing_mm, phase.ed_frames, phase.es_frames,
+                                                   expected_shape=cine.shape)
+        except ValueError as e:     # e.g. an empty LV mask at ED: say so, do not guess
+            res.flags.append(f"measurement_failed: {e}")
+        res.timing_s["measure"] = time.perf_counter() - t
+    else:
+        res.needs.setdefault("measurements", "volumes and EF need LV masks: a 'segment' model or masks given "
+                                             "by the user")
+    res.timing_s["total"] = time.perf_counter() - t0
+    res.timing_s = {k: round(v, 4) for k, v in res.timing_s.items()}
+    return res

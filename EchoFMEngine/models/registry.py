@@ -1,0 +1,193 @@
+"""The local models folder: which fine-tuned weights file serves which task, with checksums.
+
+Layout::
+
+    <folder>/manifest.json            {"tasks": {task: {file, sha256, labels, input, preprocessing, ...}}}
+    <folder>/<task>-<sha12>.safetensors
+
+The folder is ``$ECHOFM_MODELS`` or ``~/.echofm/models``. Nothing is downloaded: files enter
+through :meth:`ModelStore.import_file` (``python -m EchoFMEngine models import FILE --task T``),
+and every :meth:`ModelStore.get` checks the file against its recorded SHA-256 once per process.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from .checkpoint import CheckpointError
+
+TASKS = ("view", "segment", "as", "ar", "ef")
+TASK_HELP = {
+    "view": "view identification (A2C, A4C, PLAX, PSAX, other)",
+    "segment": "LV endocardium / epicardium and LA segmentation",
+    "as": "aortic stenosis screening",
+    "ar": "aortic regurgitation severity (multi-view colour Doppler)",
+    "ef": "direct LVEF regression",
+}
+ENV_VAR = "ECHOFM_MODELS"
+MANIFEST = "manifest.json"
+
+
+def default_folder() -> Path:
+    """``$ECHOFM_MODELS`` when set, else ``~/.echofm/models`` (never inside an application install)."""
+    env = os.environ.get(ENV_VAR, "").strip()
+    return Path(env).expanduser() if env else Path.home() / ".echofm" / "models"
+
+
+def sha256_of(path: Union[str, Path], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_file(path: Union[str, Path]) -> Path:
+    """A checkpoint folder (``model.safetensors`` + ``config.json``) or the ``.safetensors`` file itself."""
+    p = Path(path).expanduser()
+    f = p / "model.safetensors" if p.is_dir() else p
+    if not f.is_file():
+        raise CheckpointError(f"{p}: no weights file (expected a .safetensors file or a folder holding "
+                              f"model.safetensors)")
+    return f
+
+
+def read_description(path: Union[str, Path]) -> dict:
+    """The self-description a fine-tuned checkpoint carries in its safetensors metadata."""
+    from .task_checkpoint import read_task_description
+
+    return read_task_description(weights_file(path))
+
+
+class ModelStore:
+    """A models folder and its manifest. A missing folder is an empty store, not an error."""
+
+    def __init__(self, folder: Union[str, Path, None] = None):
+        self.folder = Path(folder).expanduser() if folder is not None else default_folder()
+        self._verified: set = set()
+
+    # ------------------------------------------------------------------ manifest
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / MANIFEST
+
+    def entries(self) -> dict:
+        """``{task: entry}`` from the manifest (empty when the folder or manifest is absent)."""
+        if not self.manifest_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.manifest_path}: unreadable manifest: {e}") from None
+        tasks = data.get("tasks") if isinstance(data, dict) else None
+        if not isinstance(tasks, dict):
+            raise CheckpointError(f"{self.manifest_path}: manifest has no 'tasks' mapping")
+        return tasks
+
+    def _write(self, tasks: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.manifest_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"format": "echofm-models-v1", "tasks": tasks}, indent=2, sort_keys=True))
+        tmp.replace(self.manifest_path)
+
+    # ------------------------------------------------------------------ queries
+    def get(self, task: str, verify: bool = True) -> Optional[Path]:
+        """Path of the weights file for ``task``, or None when the store has none.
+
+        A listed file that is missing or whose SHA-256 differs from the manifest raises
+        :class:`CheckpointError` (a corrupted or swapped file is never used silently)."""
+        entry = self.entries().get(task)
+        if entry is None:
+            return None
+        path = self.folder / entry["file"]
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed for task {task!r} in {self.manifest_path} but missing")
+        if verify and path not in self._verified:
+            digest = sha256_of(path)
+            if digest != entry.get("sha256"):
+                raise CheckpointError(f"{path}: checksum mismatch for task {task!r} (manifest "
+                                      f"{str(entry.get('sha256'))[:12]}..., file {digest[:12]}...); re-import it")
+            self._verified.add(path)
+        return path
+
+    def missing(self, tasks: Sequence[str] = TASKS) -> dict:
+        """``{task: why}`` for each task without weights in this store."""
+        have = self.entries()
+        return {t: f"no fine-tuned '{t}' model ({TASK_HELP.get(t, t)}) in {self.folder}; add one with "
+                   f"`python -m EchoFMEngine models import FILE --task {t}`"
+                for t in tasks if t not in have}
+
+    # ------------------------------------------------------------------ import
+    def import_file(self, path: Union[str, Path], task: Optional[str] = None) -> dict:
+        """Copy a fine-tuned checkpoint into the store for its task and record its checksum.
+
+        ``task`` must agree with the task the checkpoint describes (a segmenter cannot serve
+        view identification); when omitted, the checkpoint's own task is used."""
+        src = weights_file(path)
+        desc = read_description(src)
+        own = desc.get("task")
+        if own not in TASKS:
+            raise CheckpointError(f"{src}: describes task {own!r}, not one of {list(TASKS)}")
+        if task is not None and task != own:
+            raise CheckpointError(f"{src}: is a {own!r} checkpoint, cannot be imported as task {task!r}")
+        digest = sha256_of(src)
+        name = f"{own}-{digest[:12]}.safetensors"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        dst = self.folder / name
+        if not dst.is_file() or sha256_of(dst) != digest:
+            tmp = dst.with_suffix(".tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        tasks = self.entries()
+        old = tasks.get(own)
+        entry = {"file": name, "sha256": digest, "source_name": src.name if src.name != "model.safetensors"
+                 else src.parent.name,
+                 "labels": desc.get("labels"), "input": desc.get("input"),
+                 "preprocessing": desc.get("preprocessing"), "format": desc.get("format"),
+                 "imported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        tasks[own] = entry
+        self._write(tasks)
+        if old and old["file"] != name and not any(e["file"] == old["file"] for e in tasks.values()):
+            (self.folder / old["file"]).unlink(missing_ok=True)
+        self._verified.add(dst)
+        return {"task": own, **entry}
+
+
+# ---------------------------------------------------------------------- CLI
+def cli(argv: Sequence[str]) -> int:
+    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine models",
+                                 description="the local models folder (no downloads)")
+    ap.add_argument("--folder", default=None, help=f"models folder (default ${ENV_VAR} or ~/.echofm/models)")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("list", help="tasks, files and checksums in the folder")
+    imp = sub.add_parser("import", help="add a local fine-tuned weights file for a task")
+    imp.add_argument("file")
+    imp.add_argument("--task", choices=TASKS, default=None, help="must match the checkpoint's own task")
+    sub.add_parser("verify", help="check every file against its recorded SHA-256")
+    a = ap.parse_args(list(argv))
+    store = ModelStore(a.folder)
+    try:
+        if a.cmd == "import":
+            e = store.import_file(a.file, a.task)
+            print(f"imported {e['task']}: {store.folder / e['file']} (sha256 {e['sha256'][:12]}...)")
+        elif a.cmd == "list":
+            entries = store.entries()
+            print(f"models folder: {store.folder}")
+            for t in TASKS:
+                e = entries.get(t)
+                print(f"  {t:<8} " + (f"{e['file']}  labels={e.get('labels')}" if e else "(none)"))
+        elif a.cmd == "verify":
+            for t in store.entries():
+                store.get(t)
+                print(f"  {t}: ok")
+    except (CheckpointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,377 @@
+"""Data for the downstream tasks: phantom studies per task, registry datasets per task, the
+train / val / test splits, and seeded class-stratified label subsets.
+
+Every item the fine-tuning loop sees has the dataset layer's keys: ``video`` (``[3,T,S,S]``, or
+``[V,3,T,S,S]`` with ``view_valid [V]`` for AR), and the task's target: ``label`` (view, AS, AR
+severe-or-not), ``severity`` (AR, 0-4), ``ef`` (percent) or ``masks`` + ``mask_valid``.
+
+Phantoms have views A4C / A2C and a known EF, and nothing else: the AS and AR tasks on phantoms
+use *synthetic proxy labels derived from the phantom's EF* (:data:`PROXY_NOTES`), named
+``proxy_*`` so that no one mistakes them for a clinical grading.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..data.labels import AR_BINARY, AR_SEVERE_FROM, AR_VIEWS, AS_TASKS, TMED2_VIEWS
+from .segment import LABEL_NAMES
+
+PHANTOM_VIEWS = ["A2C", "A4C"]
+SEG_LABELS = [LABEL_NAMES[i] for i in range(4)]
+EF_LABELS = ["ef_percent"]
+PROXY_LABELS = {"as": ["proxy_ef_ge_50", "proxy_ef_lt_50"], "ar": ["proxy_non_severe", "proxy_severe"]}
+PROXY_NOTES = {
+    "as": "synthetic proxy label, no clinical meaning: phantoms have no aortic valve; class 1 = phantom EF < 50 %",
+    "ar": "synthetic proxy label, no clinical meaning: phantoms have no colour Doppler; severity = (70 - EF) / 10 "
+          "rounded to 0.5 and clipped to 0-4, severe >= 2.5; the four view slots hold A4C/A2C phantoms of the "
+          "same heart, each present with probability 0.75",
+}
+# which data kinds can feed which task
+KIND_TASKS = {"phantom": ("view", "as", "ar", "ef", "segment"), "tmed2": ("view", "as"),
+              "csv": ("view", "as", "ef", "segment"), "camus": ("segment", "ef"), "echonet": ("segment", "ef"),
+              "ar_multiview": ("ar",)}
+SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}    # phantom studies of a split: seed (10*data.seed + k)*1000 + i
+
+
+# ------------------------------------------------------------------ phantoms
+def ar_proxy_severity(ef: float) -> float:
+    """The AR phantom proxy: (70 - EF) / 10 in 0.5 steps, clipped to 0-4 (see PROXY_NOTES)."""
+    return float(np.clip(np.round(2 * (70.0 - ef) / 10.0) / 2, 0.0, 4.0))
+
+
+def _ar_phantoms(n: int, size: int, frames: int, seed: int) -> list[dict]:
+    from .data import phantom_clip
+
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA12]))
+    items = []
+    for i in range(n):
+        hr, cycles, ef = float(rng.uniform(55, 95)), float(rng.uniform(1.1, 1.4)), float(rng.uniform(30, 70))
+        present = rng.random(len(AR_VIEWS)) < 0.75
+        if not present.any():
+            present[rng.integers(len(AR_VIEWS))] = True
+        videos, efs = [], []
+        for v in range(len(AR_VIEWS)):
+            if not present[v]:
+                videos.append(torch.zeros(3, frames, size, size))
+                continue
+            video, study, _ = phantom_clip(PHANTOM_VIEWS[(v + 1) % 2], frames, size, hr, cycles, ef=ef,
+                                           seed=(seed * 1000 + i) * 10 + v)
+            videos.append(video)
+            efs.append(study.ef)
+        sev = ar_proxy_severity(float(np.mean(efs)))
+        items.append({"video": torch.stack(videos), "view_valid": torch.from_numpy(present),
+                      "severity": sev, "label": int(sev >= AR_SEVERE_FROM), "ef": float(np.mean(efs)),
+                      "seed": seed * 1000 + i})
+    return items
+
+
+def phantom_task_items(task: str, n: int, size: int, frames: int, seed: int = 0) -> list[dict]:
+    """``n`` phantom items for ``task`` at the model size (studies ``seed * 1000 + i``).
+
+    Single-clip items are the segmentation phantoms (``video``, ``masks``/``mask_valid`` at ED and ES,
+    ``spacing_mm``, ``view``, ``ef``) with ``label`` = index in :data:`PHANTOM_VIEWS` (view) or the
+    AS proxy (EF < 50 %); AR items hold four view slots (``view_valid``), ``severity`` and ``label``
+    from the AR proxy. See :data:`PROXY_NOTES`."""
+    from .segment import phantom_segmentation_items
+
+    if n < 1:
+        raise ValueError(f"need at least one phantom study, got n={n}")
+    if task == "ar":
+        return _ar_phantoms(n, size, frames, seed)
+    if task not in ("view", "as", "ef", "segment"):
+        raise ValueError(f"no phantom data for task {task!r}")
+    items = phantom_segmentation_items(n, size, frames, seed=seed)
+    for it in items:
+        if task == "view":
+            it["label"] = PHANTOM_VIEWS.index(it["view"])
+        elif task == "as":
+            it["label"] = int(it["ef"] < 50.0)
+    return items
+
+
+# ------------------------------------------------------------------ labels
+def task_labels(task: str, data: dict) -> list[str]:
+    """Names of the model's outputs for ``task`` fed by ``data`` (the config's data section)."""
+    kind = data["kind"]
+    if task == "segment":
+        return SEG_LABELS[:2] if kind == "echonet" else SEG_LABELS
+    if task == "ef":
+        return list(EF_LABELS)
+    if kind == "phantom":
+        return list(PHANTOM_VIEWS) if task == "view" else list(PROXY_LABELS[task])
+    if task == "ar":
+        return list(AR_BINARY)
+    default = TMED2_VIEWS if task == "view" else AS_TASKS[_as_task(data)][0]
+    if kind == "csv" and data.get("classes"):
+        return [str(c) for c in data["classes"]]
+    return list(default)
+
+
+def _as_task(data: dict) -> str:
+    name = data.get("as_task") or "as_presence"
+    if name not in AS_TASKS:
+        raise ValueError(f"data.as_task {name!r} is not one of {sorted(AS_TASKS)}")
+    return name
+
+
+# ------------------------------------------------------------------ registry
+def registry_dataset(task: str, data: dict, split: str, frames: int, size: int) -> Dataset:
+    """The registry dataset feeding ``task`` (errors from the dataset layer name the file / key)."""
+    from ..data import build_dataset
+
+    kind = data["kind"]
+    if kind not in KIND_TASKS:
+        raise ValueError(f"data.kind {kind!r} is not one of {sorted(KIND_TASKS)}")
+    if task not in KIND_TASKS[kind]:
+        raise ValueError(f"data.kind {kind!r} has no targets for task {task!r}; it serves {list(KIND_TASKS[kind])}")
+    if not data.get("root"):
+        raise ValueError(f"data.root is required for data.kind {kind!r}")
+    opts: dict = {"frames": frames, "size": size}
+    if data.get("csv_file") and kind in ("tmed2", "csv", "ar_multiview"):
+        opts["csv_file"] = data["csv_file"]
+    if kind == "tmed2":
+        opts["task"] = "view" if task == "view" else _as_task(data)
+        if data.get("views"):
+            opts["views"] = list(data["views"])
+    elif kind == "camus" and data.get("views"):
+        opts["views"] = list(data["views"])
+    elif kind == "csv":
+        column = label_column(task, data)
+        if task in ("view", "as"):
+            opts["classes"] = {column: task_labels(task, data)}
+        elif task == "ef":
+            opts["regression"] = [column]
+    return build_dataset(kind, data["root"], split=split, **opts)
+
+
+def label_column(task: str, data: dict) -> Optional[str]:
+    """The CSV column of the task's target (``data.label_column``, else the task's name)."""
+    if task == "segment":
+        return None
+    return data.get("label_column") or {"view": "view", "as": "as", "ef": "ef"}.get(task)
+
+
+def target_key(task: str, data: dict) -> Optional[str]:
+    """Item key holding the task's target ('label', 'ef', or a CSV regression column)."""
+    if task in ("view", "as", "ar"):
+        return "label"
+    if task == "ef":
+        return label_column(task, data) if data["kind"] == "csv" else "ef"
+    return None
+
+
+def index_targets(ds, task: str, data: dict) -> Optional[list]:
+    """The target of every sample without reading videos, where the layout allows it (None: unknown).
+
+    Classes are ints (-1: missing), values floats (nan: missing), segmentation 1 / None (no masks)."""
+    if isinstance(ds, list):
+        if task == "segment":
+            return [1 if bool(it["mask_valid"].any()) else None for it in ds]
+        return [it[target_key(task, data)] for it in ds]
+    samples, name = getattr(ds, "samples", None), getattr(ds, "name", "")
+    if samples is None:
+        return None
+    if name == "tmed2":
+        return [int(s["label"]) for s in samples]
+    if name == "csv":
+        if task == "segment":
+            return [1 if s["mask"] else None for s in samples]
+        return [s["targets"][label_column(task, data)] for s in samples]
+    if name == "ar_multiview":
+        return [int(float(s["severity"]) >= AR_SEVERE_FROM) for s in samples]
+    if name == "echonet":
+        if task == "segment":
+            return [1 if len(ds.tracings.get(s["key"], {})) >= 2 else None for s in samples]
+        return [float(s["ef"]) for s in samples]
+    if name == "camus":
+        if task == "segment":
+            return [1] * len(samples)
+        return [_float(s["info"].get("LVef", s["info"].get("EF"))) for s in samples]
+    return None
+
+
+def _float(v) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def is_missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, (int, np.integer)) and v < 0)
+
+
+def stratified_subset(targets: Sequence, fraction: float, seed: int) -> list[int]:
+    """A seeded subset of ``fraction`` of the samples: per class (int targets) at least one sample
+    and ``round(fraction * n_class)``; otherwise ``round(fraction * n)`` drawn at random. Sorted."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"data.label_fraction must lie in (0, 1], got {fraction}")
+    n = len(targets)
+    if fraction == 1.0:
+        return list(range(n))
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x1ABE]))
+    if all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in targets):
+        groups: dict = {}
+        for i, t in enumerate(targets):
+            groups.setdefault(int(t), []).append(i)
+        keep = []
+        for cls in sorted(groups):
+            idx = groups[cls]
+            k = max(1, int(round(fraction * len(idx))))
+            keep += rng.choice(idx, size=k, replace=False).tolist()
+        return sorted(keep)
+    k = max(1, int(round(fraction * n)))
+    return sorted(rng.choice(n, size=k, replace=False).tolist())
+
+
+def carve_validation(targets: Sequence, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, val) indices: a seeded, class-stratified ``fraction`` held out for validation
+    (at least one sample; each class keeps at least one training sample)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"data.val_fraction must lie in (0, 1) when data.val_split is null, got {fraction}")
+    n = len(targets)
+    if n < 2:
+        raise ValueError(f"cannot hold out a validation set from {n} training sample(s); give data.val_split")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x7A1]))
+    classes = all(isinstance(t, (int, np.integer)) for t in targets)
+    groups: dict = {}
+    for i, t in enumerate(targets):
+        groups.setdefault(int(t) if classes else 0, []).append(i)
+    val = []
+    for idx in groups.values():
+        k = min(len(idx) - 1, int(round(fraction * len(idx))))
+        val += rng.choice(idx, size=k, replace=False).tolist() if k > 0 else []
+    if not val:
+        val = [int(rng.integers(n))]
+    val_set = set(val)
+    return [i for i in range(n) if i not in val_set], sorted(val)
+
+
+# ------------------------------------------------------------------ splits
+class TaskDataset(Dataset):
+    """A view of a phantom list or a registry dataset: chosen indices, items reduced to the keys
+    the task needs (no ``meta``), the task's target under ``label`` / ``ef`` / ``severity``."""
+
+    KEEP = ("video", "label", "ef", "severity", "view_valid", "masks", "mask_valid", "spacing_mm")
+
+    def __init__(self, base, task: str, data: dict, indices: Optional[Sequence[int]] = None):
+        self.base, self.task = base, task
+        self.key = target_key(task, data)
+        self.indices = list(range(len(base))) if indices is None else list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.base[self.indices[i]]
+        out = {k: item[k] for k in self.KEEP if k in item}
+        if self.key and self.key not in ("label", "ef") and self.key in item:
+            out["ef"] = item[self.key]                  # a CSV regression column
+        if isinstance(out.get("spacing_mm"), (list, tuple)):
+            out["spacing_mm"] = tuple(float(s) for s in out["spacing_mm"])
+        out["index"] = i
+        return out
+
+    def subset(self, positions: Sequence[int]) -> "TaskDataset":
+        out = TaskDataset.__new__(TaskDataset)
+        out.base, out.task, out.key = self.base, self.task, self.key
+        out.indices = [self.indices[p] for p in positions]
+        return out
+
+
+@dataclass
+class TaskData:
+    """The three splits of a fine-tuning run and what the checkpoint description needs."""
+
+    train: TaskDataset
+    val: TaskDataset
+    test: Optional[TaskDataset]
+    labels: list
+    trained_on: str
+    frames: int
+    size: int
+    frames_policy: str
+    notes: list = field(default_factory=list)
+    target_stats: dict = field(default_factory=dict)
+    n_train_available: int = 0
+
+
+def _with_targets(ds, task: str, data: dict, where: str) -> tuple[TaskDataset, Optional[list]]:
+    """The samples of ``ds`` that have a target for ``task``; a clear error when none has."""
+    targets = index_targets(ds, task, data)
+    if targets is None:
+        return TaskDataset(ds, task, data), None
+    keep = [i for i, t in enumerate(targets) if not is_missing(t)]
+    if not keep:
+        raise ValueError(f"{where}: no sample has a target for task {task!r}"
+                         + (f" (column {label_column(task, data)!r})" if data["kind"] == "csv" else ""))
+    return TaskDataset(ds, task, data, keep), [targets[i] for i in keep]
+
+
+def build_task_data(task: str, data: dict, frames: int, size: int, frame_model: bool = False) -> TaskData:
+    """Train / val / test splits for ``task`` from the config's data section, at the model size.
+
+    Phantoms: ``n_train`` / ``n_val`` / ``n_test`` studies with disjoint seeds. Datasets: the
+    named splits; ``val_split: null`` holds out ``val_fraction`` of the training split
+    (stratified); ``test_split: null`` skips the test set. ``label_fraction`` then keeps a seeded,
+    class-stratified share of the training samples."""
+    kind, seed = data["kind"], int(data["seed"])
+    notes = []
+    if kind == "phantom":
+        for key in ("n_train", "n_val"):
+            if int(data[key]) < 1:
+                raise ValueError(f"data.{key} must be >= 1 for phantom data, got {data[key]}")
+        made = {s: phantom_task_items(task, int(data[f"n_{s}"]), size, frames, seed=10 * seed + k)
+                for s, k in SPLIT_SEEDS.items() if int(data[f"n_{s}"]) > 0}
+        train, train_t = _with_targets(made["train"], task, data, "phantom train split")
+        val, _ = _with_targets(made["val"], task, data, "phantom val split")
+        test = _with_targets(made["test"], task, data, "phantom test split")[0] if "test" in made else None
+        trained_on = "phantom"
+        if task in PROXY_NOTES:
+            notes.append(PROXY_NOTES[task])
+    else:
+        where = f"{data['root']} ({kind})"
+        base = registry_dataset(task, data, data["train_split"], frames, size)
+        train, train_t = _with_targets(base, task, data, f"{where} split {data['train_split']!r}")
+        if data["val_split"]:
+            val = _with_targets(registry_dataset(task, data, data["val_split"], frames, size), task, data,
+                                f"{where} split {data['val_split']!r}")[0]
+        else:
+            if train_t is None:
+                train_t = [0] * len(train)
+            tr, va = carve_validation(train_t, float(data["val_fraction"]), seed)
+            val, train, train_t = train.subset(va), train.subset(tr), [train_t[i] for i in tr]
+            notes.append(f"validation = {len(val)} samples held out of split {data['train_split']!r} "
+                         f"(val_fraction {data['val_fraction']}, seed {seed})")
+        test = None
+        if data["test_split"]:
+            test = _with_targets(registry_dataset(task, data, data["test_split"], frames, size), task, data,
+                                 f"{where} split {data['test_split']!r}")[0]
+        trained_on = kind
+    n_available = len(train)
+    fraction = float(data["label_fraction"])
+    keep = stratified_subset(train_t if train_t is not None else [0.0] * len(train), fraction, seed)
+    if fraction < 1.0:
+        train = train.subset(keep)
+        train_t = [train_t[i] for i in keep] if train_t is not None else None
+        notes.append(f"label_fraction {fraction}: {len(train)} of {n_available} training samples (seed {seed})")
+    labels = task_labels(task, data)
+    stats = {}
+    if task == "ef":
+        values = np.asarray(train_t if train_t is not None else [float(train[i]["ef"]) for i in range(len(train))],
+                            dtype=float)
+        stats = {"mean": float(values.mean()), "std": float(values.std()) if len(values) > 1 and values.std() > 0
+                 else 1.0}
+    if kind == "tmed2":
+        policy = "still"
+    else:
+        policy = "cycle"
+    if frame_model:
+        policy = "per_frame"
+    return TaskData(train, val, test, labels, trained_on, frames, size, policy, notes, stats, n_available)
