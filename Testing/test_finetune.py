@@ -24,13 +24,7 @@ QUICK = ["run.steps=2", "run.eval_every=2", "run.ckpt_every=2", "run.batch_size=
          "data.n_train=2", "data.n_val=1", "data.n_test=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(task: str, out: Path, *extra: str) -> dict:

@@ -14,13 +14,7 @@ from EchoFMEngine.training.task_eval import task_loss
 IMG, FRAMES = 32, 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one thread, and far faster when other jobs share the 2 cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def encoder(**kw):

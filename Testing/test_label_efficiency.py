@@ -17,13 +17,7 @@ TINY = ["run.steps=2", "data.n_train=4", "data.n_val=1", "data.n_test=0", "run.e
         "run.log_every=1", "run.device=cpu", "data.augment=false"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and the 2-core machine is shared (rules)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from vtk.util import numpy_support
 from EchoFMEngine.cine import Cine, SourceInfo
 
 from .ecg_nodes import CHART_ROLE, ECG_ROLE, ecg_plot, ecg_to_table, table_to_ecg
-from .scene import Logics, add_node, all_or_nothing, logics_for
+from .scene import Logics, add_node, all_or_nothing, logics_for, write_node
 
 ROLE = "EchoFM.role"
 META = "EchoFM.cineMeta"
@@ -345,16 +345,4 @@ def go_to_frame(cine_nodes: CineNodes, frame: int, logics: Optional[Logics] = No
 
 def save_cine_sequence(cine_nodes: CineNodes, path) -> Path:
     """Write the cine's volume sequence as ``.seq.nrrd`` (Slicer's volume-sequence format)."""
-    path = Path(path)
-    if not path.name.lower().endswith(".seq.nrrd"):
-        raise ValueError(f"{path}: a volume sequence is saved as .seq.nrrd")
-    seq = cine_nodes.sequence
-    storage = seq.GetStorageNode()
-    if storage is None or not storage.IsA("vtkMRMLVolumeSequenceStorageNode"):
-        storage = add_node(seq.GetScene(), "vtkMRMLVolumeSequenceStorageNode", f"{seq.GetName()} storage")
-        seq.SetAndObserveStorageNodeID(storage.GetID())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage.SetFileName(str(path))
-    if not storage.WriteData(seq):
-        raise OSError(f"{path}: Slicer could not write the volume sequence")
-    return path
+    return write_node(cine_nodes.sequence, path, ".seq.nrrd", "vtkMRMLVolumeSequenceStorageNode", "volume sequence")

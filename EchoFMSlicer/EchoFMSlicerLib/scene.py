@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import slicer
@@ -112,6 +113,22 @@ def add_node(scene, class_name: str, name: str, unique: bool = True):
         raise RuntimeError(f"cannot create a {class_name} node: its module is not registered "
                            "(call register_modules(scene) first)")
     return node
+
+
+def write_node(node, path, suffix: str, storage_class: str, what: str) -> Path:
+    """Write ``node`` to ``path`` (which must end in ``suffix``) through a ``storage_class`` storage node."""
+    path = Path(path)
+    if not path.name.lower().endswith(suffix):
+        raise ValueError(f"{path}: a {what} is saved as {suffix}")
+    storage = node.GetStorageNode()
+    if storage is None or not storage.IsA(storage_class):
+        storage = add_node(node.GetScene(), storage_class, f"{node.GetName()} storage")
+        node.SetAndObserveStorageNodeID(storage.GetID())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    storage.SetFileName(str(path))
+    if not storage.WriteData(node):
+        raise OSError(f"{path}: Slicer could not write the {what}")
+    return path
 
 
 def logics_for(scene, logics: Optional[Logics] = None) -> Logics:

@@ -22,7 +22,7 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-from .scene import Logics, add_node, all_or_nothing, logics_for
+from .scene import Logics, add_node, all_or_nothing, logics_for, write_node
 
 _CONTEXT = "Segmentation category and type - 3D Slicer General Anatomy list"
 _REGION_CONTEXT = "Anatomic codes - DICOM master list"
@@ -351,34 +351,12 @@ def configure_segment_editor(editor_node) -> None:
 # ----------------------------------------------------------------------------- files
 def save_segmentation(seg, path) -> Path:
     """Write a segmentation node as ``.seg.nrrd`` (readable with slicerio)."""
-    path = Path(path)
-    if not path.name.lower().endswith(".seg.nrrd"):
-        raise ValueError(f"{path}: a segmentation is saved as .seg.nrrd")
-    storage = seg.GetStorageNode()
-    if storage is None:
-        storage = add_node(seg.GetScene(), "vtkMRMLSegmentationStorageNode", f"{seg.GetName()} storage")
-        seg.SetAndObserveStorageNodeID(storage.GetID())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage.SetFileName(str(path))
-    if not storage.WriteData(seg):
-        raise OSError(f"{path}: Slicer could not write the segmentation")
-    return path
+    return write_node(seg, path, ".seg.nrrd", "vtkMRMLSegmentationStorageNode", "segmentation")
 
 
 def save_segmentation_sequence(seq, path) -> Path:
     """Write a segmentation sequence as ``.seq.mrb`` (Slicer's sequence bundle: one .seg.nrrd per item)."""
-    path = Path(path)
-    if not path.name.lower().endswith(".seq.mrb"):
-        raise ValueError(f"{path}: a segmentation sequence is saved as .seq.mrb")
-    storage = seq.GetStorageNode()
-    if storage is None or not storage.IsA("vtkMRMLSequenceStorageNode"):
-        storage = add_node(seq.GetScene(), "vtkMRMLSequenceStorageNode", f"{seq.GetName()} storage")
-        seq.SetAndObserveStorageNodeID(storage.GetID())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    storage.SetFileName(str(path))
-    if not storage.WriteData(seq):
-        raise OSError(f"{path}: Slicer could not write the segmentation sequence")
-    return path
+    return write_node(seq, path, ".seq.mrb", "vtkMRMLSequenceStorageNode", "segmentation sequence")
 
 
 def read_segmentation_sequence_mrb(path) -> list:
