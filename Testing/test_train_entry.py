@@ -32,3 +32,10 @@ def test_unknown_task_and_missing_config_exit_with_status_1(tmp_path):
     r = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(tmp_path / "absent.yaml")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "absent.yaml" in r.stderr
+
+
+def test_overrides_may_come_before_and_after_flags():
+    from EchoFMEngine.training.pretrain import parse_args
+
+    a = parse_args(["run.steps=3", "--no-progress", "run.seed=1"])
+    assert a.no_progress and a.overrides == ["run.steps=3", "run.seed=1"]

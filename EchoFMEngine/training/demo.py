@@ -255,7 +255,7 @@ def cli(argv) -> int:
     ap.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of Resources/configs/demo.yaml")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     metrics = run_demo(Path(a.out), a.overrides, progress=not a.no_progress)
     print(json.dumps(metrics, indent=2))
     print(f"demo finished: see {a.out}/metrics.json, loss_curve.png, self_similarity.png, segmentation.png "

@@ -269,7 +269,7 @@ def parse_args(argv) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=200 optim.base_lr=1.5e-4")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)   # overrides before or after the flags
 
 
 def cli(argv) -> int:
