@@ -176,3 +176,15 @@ def test_models_cli_import_and_list(tmp_path, capsys):
     assert "imported segment" in out and "segment  segment-" in out and "view     (none)" in out
     assert main(base + ["import", str(tmp_path / "nothing.safetensors")]) == 1
     assert "no weights file" in capsys.readouterr().err
+
+
+def test_an_ecg_only_dicom_is_reported_as_not_an_image(tmp_path, empty_models):
+    from pydicom.data import get_testdata_file
+
+    from EchoFMEngine import CineReadError
+
+    ecg = get_testdata_file("waveform_ecg.dcm")
+    with pytest.raises(CineReadError, match="ECG/waveform-only"):
+        analyze(ecg, models=empty_models)
+    report = analyze_paths([ecg], tmp_path / "out", models=empty_models, progress=False)
+    assert report["done"] == [] and "ECG/waveform-only" in report["failed"][0][1]
