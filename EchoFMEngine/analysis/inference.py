@@ -96,11 +96,12 @@ def segment_frames(model, cine: Cine, prepared: Prepared, frames: Sequence[int],
     T = cine.num_frames
     step = max(1.0, 1.25 * period_frames / n) if period_frames else 1.0
     windows = covering_windows(frames, T, n, step)
+    wanted = set(int(f) for f in frames)
     owner: dict = {}                  # frame -> (distance from its window's centre, window, position)
     for w, idx in enumerate(windows):
         for k, f in enumerate(idx.tolist()):
             d = abs(k - (n - 1) / 2)
-            if f in set(int(x) for x in frames) and (f not in owner or d < owner[f][0]):
+            if f in wanted and (f not in owner or d < owner[f][0]):
                 owner[f] = (d, w, k)
     H, W = cine.frames.shape[1:3]
     out = np.zeros((T, H, W), dtype=np.uint8)

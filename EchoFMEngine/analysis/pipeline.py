@@ -17,6 +17,7 @@ import numpy as np
 
 from ..cine import Cine
 from ..models.registry import ModelStore
+from ..training.distributed import resolve_device
 
 LOW_CONFIDENCE = 0.6          # top view probability below this -> flag "low_view_confidence"
 SEGMENT_LABELS = {"0": "background", "1": "lv_cavity", "2": "lv_myocardium", "3": "la"}
@@ -43,16 +44,6 @@ class StudyResult:
         d = asdict(self)
         d.pop("masks")
         return d
-
-
-def _resolve_device(device: str):
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested but CUDA is not available; use --device cpu or auto")
-    return torch.device(device)
 
 
 def _cine_facts(cine: Cine) -> dict:
@@ -104,7 +95,7 @@ def load_models(models=None, device: str = "auto", tasks=("view", "segment", "as
     from ..models.task_checkpoint import load_task_model
 
     store = models if isinstance(models, ModelStore) else ModelStore(models)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     loaded = ModelSet(reasons=store.missing(tasks))
     for task in tasks:
         path = store.get(task)
@@ -146,7 +137,7 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     name = cine.source.file_name or (Path(cine_or_path).name if not isinstance(cine_or_path, Cine) else "array")
     res = StudyResult(input=name, cine=_cine_facts(cine), flags=quality_flags(cine))
     user_masks = check_masks(masks, cine) if masks is not None else None
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     store = models if isinstance(models, Mapping) else load_models(models, device)
     cache: dict = {}
     res.timing_s["read"] = time.perf_counter() - t0

@@ -245,7 +245,7 @@ def save_pretrained(model: EchoFM, path: Union[str, Path], metadata: Optional[di
 
 def read_pretrained_header(path: Union[str, Path]) -> tuple[EchoFMConfig, dict]:
     """(config, metadata) of a saved model without reading its tensors."""
-    file = _weights_file(path)
+    file = weights_file(path)
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
     if meta.get("format") != FORMAT:
@@ -253,17 +253,19 @@ def read_pretrained_header(path: Union[str, Path]) -> tuple[EchoFMConfig, dict]:
     return EchoFMConfig.from_dict(json.loads(meta["config"])), json.loads(meta.get("metadata", "{}"))
 
 
-def _weights_file(path: Union[str, Path]) -> Path:
+def weights_file(path: Union[str, Path]) -> Path:
+    """The ``.safetensors`` file itself, or ``model.safetensors`` inside a checkpoint folder."""
     p = Path(path)
     file = p / "model.safetensors" if p.is_dir() else p
     if not file.is_file():
-        raise CheckpointError(f"{file}: no such file")
+        raise CheckpointError(f"{file}: no such file (no weights file: expected a .safetensors file or a "
+                              "folder holding model.safetensors)")
     return file
 
 
 def load_pretrained(path: Union[str, Path], map_location="cpu", strict: bool = True) -> EchoFM:
     """Load a model written by :func:`save_pretrained` (folder or ``.safetensors`` file)."""
-    file = _weights_file(path)
+    file = weights_file(path)
     cfg, meta = read_pretrained_header(file)
     model = EchoFM(cfg)
     sd = {}

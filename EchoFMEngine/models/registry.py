@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, weights_file
 
 TASKS = ("view", "segment", "as", "ar", "ef")
 TASK_HELP = {
@@ -47,23 +47,6 @@ def sha256_of(path: Union[str, Path], chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def weights_file(path: Union[str, Path]) -> Path:
-    """A checkpoint folder (``model.safetensors`` + ``config.json``) or the ``.safetensors`` file itself."""
-    p = Path(path).expanduser()
-    f = p / "model.safetensors" if p.is_dir() else p
-    if not f.is_file():
-        raise CheckpointError(f"{p}: no weights file (expected a .safetensors file or a folder holding "
-                              f"model.safetensors)")
-    return f
-
-
-def read_description(path: Union[str, Path]) -> dict:
-    """The self-description a fine-tuned checkpoint carries in its safetensors metadata."""
-    from .task_checkpoint import read_task_description
-
-    return read_task_description(weights_file(path))
 
 
 class ModelStore:
@@ -130,8 +113,10 @@ class ModelStore:
 
         ``task`` must agree with the task the checkpoint describes (a segmenter cannot serve
         view identification); when omitted, the checkpoint's own task is used."""
-        src = weights_file(path)
-        desc = read_description(src)
+        from .task_checkpoint import read_task_description
+
+        src = weights_file(Path(path).expanduser())
+        desc = read_task_description(src)
         own = desc.get("task")
         if own not in TASKS:
             raise CheckpointError(f"{src}: describes task {own!r}, not one of {list(TASKS)}")

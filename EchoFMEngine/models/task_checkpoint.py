@@ -25,7 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .checkpoint import FORMAT as ENCODER_FORMAT
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, weights_file
 from .config import EchoFMConfig
 from .echofm import EchoFM
 from .heads import ENCODER_UNUSED, EncoderModel, build_task_head
@@ -38,14 +38,6 @@ INPUT_KEYS = ("frames", "height", "width", "channels", "value_range", "layout")
 # which head kinds can serve which task
 TASK_KINDS = {"view": ("classifier",), "as": ("classifier",), "ar": ("multiview",), "ef": ("regressor",),
               "segment": ("segmenter", "frame_segmenter")}
-
-
-def _file(path: Union[str, Path]) -> Path:
-    p = Path(path)
-    file = p / "model.safetensors" if p.is_dir() else p
-    if not file.is_file():
-        raise CheckpointError(f"{file}: no such file")
-    return file
 
 
 def _unused(key: str) -> bool:
@@ -123,7 +115,7 @@ def read_task_description(path: Union[str, Path]) -> dict:
     """The description of a task checkpoint (folder or ``.safetensors`` file), no weights loaded.
 
     CheckpointError naming the file for an encoder-only checkpoint or any other file."""
-    file = _file(path)
+    file = weights_file(path)
     try:
         with safe_open(str(file), framework="pt") as f:
             meta = f.metadata() or {}
@@ -158,7 +150,7 @@ def load_task_model(path: Union[str, Path], task: Optional[str] = None, map_loca
 
     ``task`` given and different from the checkpoint's -> CheckpointError naming the file and both
     tasks; an encoder-only checkpoint or another file -> CheckpointError naming the file."""
-    file = _file(path)
+    file = weights_file(path)
     if task is not None and task not in TASKS:
         raise ValueError(f"task {task!r} is not one of {list(TASKS)}")
     desc = read_task_description(file)

@@ -240,12 +240,9 @@ def save_segmenter(model: EchoFMSegmenter, folder: Union[str, Path], extra: Opti
 def load_segmenter(folder: Union[str, Path], map_location="cpu") -> EchoFMSegmenter:
     """Inverse of :func:`save_segmenter`; the description is kept in ``model.description``."""
     from ..models import EchoFMConfig
-    from ..models.checkpoint import CheckpointError
+    from ..models.checkpoint import CheckpointError, weights_file
 
-    p = Path(folder)
-    file = p / "model.safetensors" if p.is_dir() else p
-    if not file.is_file():
-        raise CheckpointError(f"{file}: no such file")
+    file = weights_file(folder)
     with safe_open(str(file), framework="pt", device=str(map_location)) as f:
         meta = f.metadata() or {}
         if meta.get("format") != FORMAT:

@@ -248,16 +248,22 @@ def _frames_from_items(seq) -> tuple:
     return stack, first.GetSpacing()
 
 
-def nodes_to_cine(browser) -> Cine:
-    """The :class:`Cine` shown by a browser (ours, or one made by Slicer's DICOM image-sequence plugin).
-
-    ValueError with the reason for anything that is not a cine loop of 2D frames."""
+def _browser_and_sequence(browser) -> tuple:
+    """The browser (given it or one of its nodes) and its master sequence; ValueError if not a cine."""
     br = _browser_of(browser)
     if br is None:
         raise _not_a_cine(browser)
     seq = br.GetMasterSequenceNode()
     if seq is None:
         raise ValueError(f"browser {br.GetName()!r} has no sequence")
+    return br, seq
+
+
+def nodes_to_cine(browser) -> Cine:
+    """The :class:`Cine` shown by a browser (ours, or one made by Slicer's DICOM image-sequence plugin).
+
+    ValueError with the reason for anything that is not a cine loop of 2D frames."""
+    br, seq = _browser_and_sequence(browser)
     frames, spacing = _frames_from_items(seq)
     meta = json.loads(br.GetAttribute(META) or "{}")
     unit = (seq.GetIndexUnit() or "").strip().lower()
@@ -292,12 +298,7 @@ def nodes_to_cine(browser) -> Cine:
 
 def cine_nodes_from_browser(browser, logics: Optional[Logics] = None) -> CineNodes:
     """:class:`CineNodes` for an existing browser (e.g. picked by the user); ValueError if not a cine."""
-    br = _browser_of(browser)
-    if br is None:
-        raise _not_a_cine(browser)
-    seq = br.GetMasterSequenceNode()
-    if seq is None:
-        raise ValueError(f"browser {br.GetName()!r} has no sequence")
+    br, seq = _browser_and_sequence(browser)
     meta = json.loads(br.GetAttribute(META) or "null")
     if meta is None:
         cine = nodes_to_cine(br)
