@@ -74,11 +74,82 @@ class ModelStore:
             raise CheckpointError(f"{self.manifest_path}: manifest has no 'tasks' mapping")
         return tasks
 
-    def _write(self, tasks: dict) -> None:
+    def _write(self, tasks: dict, encoders: Optional[dict] = None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        encoders = self.encoders() if encoders is None else encoders
         tmp = self.manifest_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"format": "echofm-models-v1", "tasks": tasks}, indent=2, sort_keys=True))
+        tmp.write_text(json.dumps({"format": "echofm-models-v1", "tasks": tasks, "encoders": encoders},
+                                  indent=2, sort_keys=True))
         tmp.replace(self.manifest_path)
+
+    # ------------------------------------------------------------------ encoders (released weights)
+    def encoders(self) -> dict:
+        """``{name: entry}`` of pretrained encoders (e.g. ``echofm-vitl`` from ``models download``)."""
+        if not self.manifest_path.is_file():
+            return {}
+        try:
+            data = json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{self.manifest_path}: unreadable manifest: {e}") from None
+        enc = data.get("encoders", {}) if isinstance(data, dict) else {}
+        return enc if isinstance(enc, dict) else {}
+
+    def import_encoder(self, path: Union[str, Path], name: str, provenance: dict) -> dict:
+        """Copy an encoder file (our safetensors format) in under ``name`` with its provenance
+        (source, revision, licence, source_sha256) and its own SHA-256."""
+        from .checkpoint import read_pretrained_header
+
+        src = weights_file(Path(path).expanduser())
+        read_pretrained_header(src)                       # refuses anything but our encoder format
+        digest = sha256_of(src)
+        fname = f"encoder-{name}-{digest[:12]}.safetensors"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        dst = self.folder / fname
+        tmp = dst.with_suffix(".tmp")
+        shutil.copyfile(src, tmp)
+        tmp.replace(dst)
+        encoders = self.encoders()
+        old = encoders.get(name)
+        entry = {**provenance, "file": fname, "sha256": digest,
+                 "imported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        encoders[name] = entry
+        self._write(self.entries(), encoders)
+        if old and old.get("file") != fname:
+            (self.folder / old["file"]).unlink(missing_ok=True)
+        self._verified.add(dst)
+        return entry
+
+    def get_encoder(self, name: str, verify: bool = True) -> Path:
+        """Path of encoder ``name``, checked against its recorded SHA-256; CheckpointError when absent."""
+        entry = self.encoders().get(name)
+        if entry is None:
+            raise CheckpointError(f"no encoder {name!r} in {self.folder} (have {sorted(self.encoders())}); get the "
+                                  f"released one with `python -m EchoFMEngine models download {name}`")
+        path = self.folder / entry["file"]
+        if not path.is_file():
+            raise CheckpointError(f"{path}: listed as encoder {name!r} in {self.manifest_path} but missing")
+        if verify and path not in self._verified:
+            digest = sha256_of(path)
+            if digest != entry.get("sha256"):
+                raise CheckpointError(f"{path}: checksum mismatch for encoder {name!r} (manifest "
+                                      f"{str(entry.get('sha256'))[:12]}..., file {digest[:12]}...); download it again")
+            self._verified.add(path)
+        return path
+
+
+def resolve_ref(value, folder: Union[str, Path, None] = None):
+    """``models:NAME`` -> the checked path of encoder (or task) NAME in the models folder; other values
+    unchanged. Lets configs say ``init_from: models:echofm-vitl``."""
+    if not (isinstance(value, str) and value.startswith("models:")):
+        return value
+    name = value[len("models:"):].strip()
+    store = ModelStore(folder)
+    if name in TASKS and name not in store.encoders():
+        path = store.get(name)
+        if path is None:
+            raise CheckpointError(f"{value}: no {name!r} model in {store.folder}")
+        return str(path)
+    return str(store.get_encoder(name))
 
     # ------------------------------------------------------------------ queries
     def get(self, task: str, verify: bool = True) -> Optional[Path]:
@@ -156,7 +227,22 @@ def cli(argv: Sequence[str]) -> int:
     imp.add_argument("file")
     imp.add_argument("--task", choices=TASKS, default=None, help="must match the checkpoint's own task")
     sub.add_parser("verify", help="check every file against its recorded SHA-256")
+    dl = sub.add_parser("download", help="the released EchoFM weights from the Hugging Face Hub (after licence "
+                                         "acceptance)", formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description="Show the licence, download through huggingface_hub once accepted, check, "
+                                    "convert to safetensors and import as an encoder.",
+                        epilog="example:\n  python -m EchoFMEngine models download echofm-vitl --accept-license")
+    dl.add_argument("name", choices=["echofm-vitl"], help="release to download")
+    dl.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit; default main)")
+    dl.add_argument("--accept-license", action="store_true",
+                    help="accept the licence (CC-BY-NC-ND 4.0, non-commercial research only) without a prompt")
+    dl.add_argument("--folder", "--models", dest="folder", default=argparse.SUPPRESS,
+                    help=f"models folder to import into (default ${ENV_VAR} or ~/.echofm/models)")
     a = ap.parse_args(list(argv))
+    if a.cmd == "download":
+        from .hub import cli_download
+
+        return cli_download(a)
     store = ModelStore(a.folder)
     try:
         if a.cmd == "import":
@@ -168,10 +254,16 @@ def cli(argv: Sequence[str]) -> int:
             for t in TASKS:
                 e = entries.get(t)
                 print(f"  {t:<8} " + (f"{e['file']}  labels={e.get('labels')}" if e else "(none)"))
+            for name, e in store.encoders().items():
+                print(f"  encoder {name}: {e['file']}  source={e.get('source')} revision={e.get('revision')} "
+                      f"licence={e.get('licence')}")
         elif a.cmd == "verify":
             for t in store.entries():
                 store.get(t)
                 print(f"  {t}: ok")
+            for name in store.encoders():
+                store.get_encoder(name)
+                print(f"  encoder {name}: ok")
     except (CheckpointError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -215,6 +215,10 @@ def load_config(path: Union[str, Path, None] = None, overrides: list[str] = ()) 
     for update in updates:
         _check_known(update, defaults, source="override")
         cfg = _merge(cfg, update)
+    if isinstance(cfg.get("init_from"), str) and cfg["init_from"].startswith("models:"):
+        from ..models.registry import resolve_ref      # `init_from: models:echofm-vitl` -> checked file
+
+        cfg["init_from"] = resolve_ref(cfg["init_from"])
     return cfg
 
 
