@@ -136,21 +136,6 @@ class ModelStore:
             self._verified.add(path)
         return path
 
-
-def resolve_ref(value, folder: Union[str, Path, None] = None):
-    """``models:NAME`` -> the checked path of encoder (or task) NAME in the models folder; other values
-    unchanged. Lets configs say ``init_from: models:echofm-vitl``."""
-    if not (isinstance(value, str) and value.startswith("models:")):
-        return value
-    name = value[len("models:"):].strip()
-    store = ModelStore(folder)
-    if name in TASKS and name not in store.encoders():
-        path = store.get(name)
-        if path is None:
-            raise CheckpointError(f"{value}: no {name!r} model in {store.folder}")
-        return str(path)
-    return str(store.get_encoder(name))
-
     # ------------------------------------------------------------------ queries
     def get(self, task: str, verify: bool = True) -> Optional[Path]:
         """Path of the weights file for ``task``, or None when the store has none.
@@ -214,6 +199,21 @@ def resolve_ref(value, folder: Union[str, Path, None] = None):
             (self.folder / old["file"]).unlink(missing_ok=True)
         self._verified.add(dst)
         return {"task": own, **entry}
+
+
+def resolve_ref(value, folder: Union[str, Path, None] = None):
+    """``models:NAME`` -> the checked path of encoder (or task) NAME in the models folder; other values
+    unchanged. Lets configs say ``init_from: models:echofm-vitl``."""
+    if not (isinstance(value, str) and value.startswith("models:")):
+        return value
+    name = value[len("models:"):].strip()
+    store = ModelStore(folder)
+    if name in TASKS and name not in store.encoders():
+        path = store.get(name)
+        if path is None:
+            raise CheckpointError(f"{value}: no {name!r} model in {store.folder}")
+        return str(path)
+    return str(store.get_encoder(name))
 
 
 # ---------------------------------------------------------------------- CLI
