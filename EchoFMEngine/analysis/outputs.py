@@ -36,7 +36,7 @@ def write_masks_nrrd(masks: np.ndarray, spacing_mm: Optional[tuple], path: Path)
     import SimpleITK as sitk
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(masks, dtype=np.uint8))
-    if spacing_mm:
+    if spacing_mm and all(np.isfinite(float(s)) and float(s) > 0 for s in spacing_mm[:2]):
         img.SetSpacing((float(spacing_mm[1]), float(spacing_mm[0]), 1.0))
     img.SetMetaData("echofm_labels", "0 background, 1 LV cavity, 2 LV myocardium, 3 LA")
     img.SetMetaData("echofm_axes", "col,row,frame")
@@ -73,28 +73,72 @@ def csv_row(sid: str, result: dict) -> dict:
     }
 
 
-def write_study(result, out: Path, sid: str, cine=None, summary: bool = True) -> Path:
-    """Write one study's folder ``out/sid`` and return it."""
-    folder = out / sid
-    folder.mkdir(parents=True, exist_ok=True)
-    d = result.to_dict()
-    d["study_id"] = sid
-    if result.masks is not None:
-        write_masks_nrrd(result.masks, (cine.spacing_mm if cine is not None else None), folder / "masks.nrrd")
-        d["segmentation"]["file"] = "masks.nrrd"
-    if summary and cine is not None:
-        from .summary import summary_figure
+def _finite(v):
+    """JSON without bare NaN/Infinity (not valid JSON): non-finite numbers become null."""
+    if isinstance(v, float) and not np.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_finite(x) for x in v]
+    return v
 
-        summary_figure(cine, result, folder / "summary.png")
-    tmp = folder / "result.json.tmp"
-    tmp.write_text(json.dumps(d, indent=2))
-    tmp.replace(folder / "result.json")
+
+def _fsync_tree(folder: Path) -> None:
+    import os
+
+    for p in folder.iterdir():
+        if p.is_file():
+            with open(p, "rb+") as f:
+                os.fsync(f.fileno())
+
+
+def write_study(result, out: Path, sid: str, cine=None, summary: bool = True) -> Path:
+    """Write one study's folder ``out/sid`` and return it: complete or absent, never half written
+    (everything goes to a hidden staging folder that is renamed onto ``out/sid`` at the end)."""
+    import os
+    import shutil
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder = out / sid
+    stage = out / f".{sid}.tmp-{os.getpid()}"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        d = result.to_dict()
+        d["study_id"] = sid
+        if result.masks is not None:
+            write_masks_nrrd(result.masks, (cine.spacing_mm if cine is not None else None), stage / "masks.nrrd")
+            d["segmentation"]["file"] = "masks.nrrd"
+        if summary and cine is not None:
+            from .summary import summary_figure
+
+            summary_figure(cine, result, stage / "summary.png")
+        (stage / "result.json").write_text(json.dumps(_finite(d), indent=2, allow_nan=False))
+        _fsync_tree(stage)
+        if folder.exists():
+            old = out / f".{sid}.old.tmp-{os.getpid()}"
+            os.replace(folder, old)
+            os.replace(stage, folder)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, folder)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
     return folder
 
 
 def write_csv(rows: list, path: Path) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    """``results.csv`` written whole, atomically (temporary name + rename)."""
+    import io
+
+    from ..atomic import atomic_write_text
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+    return Path(path)

@@ -98,9 +98,12 @@ def load_models(models=None, device: str = "auto", tasks=("view", "segment", "as
     dev = resolve_device(device)
     loaded = ModelSet(reasons=store.missing(tasks))
     for task in tasks:
-        path = store.get(task)
-        if path is not None:
-            loaded[task] = load_task_model(path, task=task, map_location="cpu").to(dev).eval()
+        try:      # a model that cannot load disables its task (named in `needs`); the rest still runs
+            path = store.get(task)
+            if path is not None:
+                loaded[task] = load_task_model(path, task=task, map_location="cpu").to(dev).eval()
+        except Exception as e:  # noqa: BLE001
+            loaded.reasons[task] = f"the '{task}' model could not be loaded: {e}"
     return loaded
 
 

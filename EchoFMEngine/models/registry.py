@@ -119,13 +119,25 @@ class ModelStore:
         self._verified.add(dst)
         return entry
 
+    def _inside(self, name) -> Path:
+        """A manifest entry's file, refused unless it names a file inside the models folder
+        (an entry like ``../../etc/passwd`` or an absolute path is never read)."""
+        if not isinstance(name, str) or not name or Path(name).is_absolute():
+            raise CheckpointError(f"{self.manifest_path}: entry file {name!r} must be a name inside {self.folder}")
+        root = self.folder.resolve()
+        path = (self.folder / name).resolve()
+        if root not in path.parents:
+            raise CheckpointError(f"{self.manifest_path}: entry file {name!r} points outside the models folder "
+                                  f"{self.folder}; refused")
+        return self.folder / name
+
     def get_encoder(self, name: str, verify: bool = True) -> Path:
         """Path of encoder ``name``, checked against its recorded SHA-256; CheckpointError when absent."""
         entry = self.encoders().get(name)
         if entry is None:
             raise CheckpointError(f"no encoder {name!r} in {self.folder} (have {sorted(self.encoders())}); get the "
                                   f"released one with `python -m EchoFMEngine models download {name}`")
-        path = self.folder / entry["file"]
+        path = self._inside(entry.get("file"))
         if not path.is_file():
             raise CheckpointError(f"{path}: listed as encoder {name!r} in {self.manifest_path} but missing")
         if verify and path not in self._verified:
@@ -145,7 +157,7 @@ class ModelStore:
         entry = self.entries().get(task)
         if entry is None:
             return None
-        path = self.folder / entry["file"]
+        path = self._inside(entry.get("file"))
         if not path.is_file():
             raise CheckpointError(f"{path}: listed for task {task!r} in {self.manifest_path} but missing")
         if verify and path not in self._verified:
@@ -169,10 +181,11 @@ class ModelStore:
 
         ``task`` must agree with the task the checkpoint describes (a segmenter cannot serve
         view identification); when omitted, the checkpoint's own task is used."""
-        from .task_checkpoint import read_task_description
+        from .task_checkpoint import read_task_description, validate_task_file
 
         src = weights_file(Path(path).expanduser())
         desc = read_task_description(src)
+        validate_task_file(src, desc)        # task, head, labels and tensor shapes agree, before anything is built
         own = desc.get("task")
         if own not in TASKS:
             raise CheckpointError(f"{src}: describes task {own!r}, not one of {list(TASKS)}")

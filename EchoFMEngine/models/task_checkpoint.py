@@ -145,6 +145,38 @@ def build_from_description(desc: dict, freeze_encoder: bool = False) -> EncoderM
     return build_task_head(encoder, desc["head"], freeze_encoder=freeze_encoder)
 
 
+def validate_task_file(file, desc: dict) -> None:
+    """Check the description against the tensors before anything is allocated: the head suits the
+    task, the labels match the outputs, and every tensor's name and shape match the model the
+    description builds (built on the meta device: a 1 KB file claiming a huge encoder costs nothing).
+    CheckpointError naming the file otherwise."""
+    try:
+        check_description(desc, where=f"{file}: description")
+        kind = (desc.get("head") or {}).get("kind")
+        if kind not in TASK_KINDS[desc["task"]]:
+            raise ValueError(f"a {kind!r} head cannot serve task {desc['task']!r} (expected {TASK_KINDS[desc['task']]})")
+        with torch.device("meta"):
+            model = build_from_description(desc)
+        n = _n_outputs(model)
+        if n is not None and len(desc["labels"]) != n and kind != "multiview":
+            raise ValueError(f"description names {len(desc['labels'])} labels but the head has {n} outputs")
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a description that builds no model is a checkpoint error
+        raise CheckpointError(f"{file}: description does not describe a model: {e}") from None
+    with safe_open(str(file), framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not _unused(k)}
+    bad = [f"{k} {shapes[k]} vs {own[k]}" for k in shapes if k in own and shapes[k] != own[k]]
+    if bad:
+        raise CheckpointError(f"{file}: tensor shapes differ from the description: {bad[:5]}")
+    missing = [k for k in own if k not in shapes]
+    unexpected = [k for k in shapes if k not in own and not _unused(k)]
+    if missing or unexpected:
+        raise CheckpointError(f"{file}: tensors do not match the description: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+
+
 def load_task_model(path: Union[str, Path], task: Optional[str] = None, map_location="cpu") -> EncoderModel:
     """The model of a task checkpoint, in eval mode, with ``model.description``.
 
@@ -155,6 +187,7 @@ def load_task_model(path: Union[str, Path], task: Optional[str] = None, map_loca
         raise ValueError(f"task {task!r} is not one of {list(TASKS)}")
     desc = read_task_description(file)
     check_task(desc, task, file)
+    validate_task_file(file, desc)
     try:
         model = build_from_description(desc)
     except (KeyError, TypeError, ValueError) as e:
