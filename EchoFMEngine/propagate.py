@@ -1,0 +1,343 @@
+"""Mask propagation: one or more labelled frames of a cine become label maps on every frame.
+
+Contour tracking as in commercial echo tools, without trained weights: dense optical flow
+(OpenCV DIS) between consecutive speckle-filtered frames inside the scan sector carries each
+structure's signed distance map from a known frame to its neighbours; between two known frames
+tracking runs from both sides and the two estimates are blended by temporal distance. A plain
+flow chain lags the wall motion (the tracked cavity stays too big at end-systole), so after
+every step the LV cavity outline is snapped to the blood/tissue edge of that frame: a two-class
+threshold of the blood pool inside a narrow band around the tracked outline, kept close to the
+tracked shape. Topology is enforced in every frame: no holes, one component per structure, the
+LV cavity inside the LV epicardium, the LA outside the LV.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Optional, Sequence
+
+import cv2
+import numpy as np
+from scipy import ndimage
+
+from .cine import Cine
+
+# Project label vocabulary (EchoFMEngine.data.labels.SEG_CLASSES / synthetic.LABELS).
+LV_ENDO, LV_MYO, LA = 1, 2, 3
+KNOWN_LABELS = (0, LV_ENDO, LV_MYO, LA)
+
+_REF_SIZE = 112.0      # pixel sizes below are tuned at EchoNet's 112 px and scale with the frame
+_FLOW_SIDE = 224       # flow is computed on frames resized to this many pixels on the longer side
+
+
+class PropagationCancelled(RuntimeError):
+    """The caller's cancel() returned True; nothing was returned."""
+
+
+@dataclass
+class PropagationOptions:
+    """Tuning knobs (defaults measured on EchoNet traced cines and the phantoms, docs/propagation.md)."""
+
+    refine: bool = True          # snap the LV cavity to the blood/tissue edge in every frame
+    band_px: float = 3.0         # half-width of the refinement band at 112 px
+    prior_weight: float = 0.6    # share of the tracked shape in the refined outline (0: image only)
+    smooth_sigma_px: float = 1.0  # speckle filter (Gaussian after a 3x3 median) at 112 px
+    flow_preset: int = 2         # cv2.DISOPTICAL_FLOW_PRESET_* (2: MEDIUM)
+    flow_side: int = _FLOW_SIDE   # frames are resized to this longer side for the flow
+    flow_stride: int = 4
+    flow_iters: int = 16
+    blood_margin: Optional[float] = 12.0  # grey levels above the key frame's local blood level still blood
+    grow_px: float = 0.0         # how far (112 px) the cavity may grow into dark pixels per frame
+
+
+# ----------------------------------------------------------------------------- checks
+def _grey_frames(cine) -> np.ndarray:
+    """float32 [T, H, W] luma of a Cine or an array [T, H, W(, 3)]."""
+    frames = cine.frames if isinstance(cine, Cine) else np.asarray(cine)
+    if frames.ndim == 4:
+        if frames.shape[-1] != 3:
+            raise ValueError(f"cine frames must be [T, H, W] or [T, H, W, 3], got shape {frames.shape}")
+        f = frames.astype(np.float32)
+        g = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+    elif frames.ndim == 3:
+        g = frames.astype(np.float32)
+    else:
+        raise ValueError(f"cine frames must be [T, H, W] or [T, H, W, 3], got shape {frames.shape}")
+    if g.shape[0] < 2:
+        raise ValueError(f"propagation needs a cine of at least two frames, got {g.shape[0]} frame(s)")
+    return g
+
+
+def _checked_masks(masks, shape: tuple) -> dict[int, np.ndarray]:
+    """{frame: uint8 [H, W]} after checking frames, shapes, labels and emptiness."""
+    T, H, W = shape
+    if not isinstance(masks, Mapping):
+        raise ValueError(f"masks must be a dict {{frame_index: [H, W] label map}}, got {type(masks).__name__}")
+    if not masks:
+        raise ValueError("masks is empty: give at least one labelled frame {frame_index: [H, W] label map}")
+    out = {}
+    for key, m in masks.items():
+        try:
+            k = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"mask frame index {key!r} is not an integer") from None
+        if k != key or not 0 <= k < T:
+            raise ValueError(f"mask frame index {key!r} is outside the cine (frames 0..{T - 1})")
+        a = np.asarray(m)
+        if a.shape != (H, W):
+            raise ValueError(f"mask for frame {k} has shape {a.shape} but the cine's frames are {H}x{W}")
+        if not np.issubdtype(a.dtype, np.integer) and a.dtype != bool:
+            if not np.all(np.equal(np.mod(a, 1), 0)):
+                raise ValueError(f"mask for frame {k} holds non-integer values; expected a label map")
+        a = a.astype(np.int64)
+        bad = sorted(set(np.unique(a).tolist()) - set(KNOWN_LABELS))
+        if bad:
+            raise ValueError(f"mask for frame {k} holds unknown label(s) {bad}; expected "
+                             f"{LV_ENDO} (LV endo), {LV_MYO} (LV myocardium), {LA} (LA) or 0")
+        if not a.any():
+            raise ValueError(f"mask for frame {k} is empty (no labelled pixel)")
+        out[k] = a.astype(np.uint8)
+    return out
+
+
+# ----------------------------------------------------------------------------- image preparation
+def _sector(grey: np.ndarray) -> np.ndarray:
+    from .geometry import find_sector
+
+    s = find_sector(grey)
+    return np.ones(grey.shape[1:], dtype=bool) if s is None else s
+
+
+def _prefilter(grey: np.ndarray, sector: np.ndarray, sigma_px: float) -> np.ndarray:
+    """Speckle-filtered uint8 frames: 3x3 median then Gaussian, zero outside the sector."""
+    out = np.empty(grey.shape, dtype=np.uint8)
+    g8 = np.clip(grey, 0, 255).astype(np.uint8)
+    k = 3 if sigma_px < 2.5 else 5
+    for i in range(g8.shape[0]):
+        f = cv2.medianBlur(g8[i], k)
+        f = cv2.GaussianBlur(f, (0, 0), sigma_px)
+        f[~sector] = 0
+        out[i] = f
+    return out
+
+
+# ----------------------------------------------------------------------------- flow
+class _Flow:
+    """Backward flows (frame t+1 -> t and t -> t+1) between consecutive frames, computed lazily
+    and shrunk for large frames; ``warp(sdf, src, dst)`` moves a map from frame src to dst."""
+
+    def __init__(self, images: np.ndarray, preset: int, side: int = _FLOW_SIDE, stride: int = 2,
+                 iters: int = 50):
+        self.images = images
+        T, H, W = images.shape
+        self.scale = side / max(H, W)
+        if abs(self.scale - 1.0) > 0.05:
+            size = (max(8, int(round(W * self.scale))), max(8, int(round(H * self.scale))))
+            interp = cv2.INTER_AREA if self.scale < 1.0 else cv2.INTER_CUBIC
+            self.small = np.stack([cv2.resize(f, size, interpolation=interp) for f in images])
+        else:
+            self.scale, self.small = 1.0, images
+        # Fine patches, dense stride, more refinement than the presets: at echo resolution the
+        # presets smooth the wall motion away (the tracked cavity lags the contraction).
+        self.dis = cv2.DISOpticalFlow_create(preset)
+        self.dis.setPatchSize(8)
+        self.dis.setPatchStride(stride)
+        self.dis.setFinestScale(0)
+        self.dis.setGradientDescentIterations(iters)
+        self.dis.setVariationalRefinementIterations(10)
+        self.dis.setVariationalRefinementAlpha(10.0)
+        self.cache: dict = {}
+        yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+        self.grid = (xx, yy)
+
+    def field(self, dst: int, src: int) -> np.ndarray:
+        """Flow f on dst's grid with I_dst(x) ~ I_src(x + f(x)) (full resolution, [H, W, 2])."""
+        key = (dst, src)
+        if key not in self.cache:
+            f = self.dis.calc(self.small[dst], self.small[src], None)
+            if self.scale != 1.0:
+                H, W = self.images.shape[1:]
+                interp = cv2.INTER_AREA if self.scale > 1.0 else cv2.INTER_LINEAR
+                f = cv2.resize(f, (W, H), interpolation=interp) / self.scale
+            self.cache[key] = f
+        return self.cache[key]
+
+    def warp(self, sdf: np.ndarray, src: int, dst: int) -> np.ndarray:
+        f = self.field(dst, src)
+        return cv2.remap(sdf, self.grid[0] + f[..., 0], self.grid[1] + f[..., 1], cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE)
+
+
+# ----------------------------------------------------------------------------- shapes
+def _sdf(mask: np.ndarray) -> np.ndarray:
+    """Signed distance (negative inside) of a bool mask, float32."""
+    if not mask.any():
+        return np.full(mask.shape, 1e3, dtype=np.float32)
+    inside = ndimage.distance_transform_edt(mask)
+    outside = ndimage.distance_transform_edt(~mask)
+    return (outside - inside + np.where(mask, 0.5, -0.5)).astype(np.float32)
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
+    return lab == (1 + int(np.argmax(sizes)))
+
+
+def _clean(mask: np.ndarray) -> np.ndarray:
+    """One component, no holes."""
+    return ndimage.binary_fill_holes(_largest(mask))
+
+
+def _blood_level(image: np.ndarray, cavity: np.ndarray, sigma: float) -> np.ndarray:
+    """Local blood-pool brightness around a known cavity (normalised convolution of the cavity's
+    pixels): near-field haze and side-lobe clutter inside the cavity raise it, so they are not
+    mistaken for wall by the refinement. Static in image space, like the haze."""
+    core = ndimage.binary_erosion(cavity, iterations=1)
+    if core.sum() < 10:
+        core = cavity
+    w = core.astype(np.float32)
+    num = cv2.GaussianBlur(image.astype(np.float32) * w, (0, 0), sigma)
+    den = cv2.GaussianBlur(w, (0, 0), sigma)
+    glob = float(np.median(image[core])) if core.any() else 0.0
+    wt = np.clip(den / max(float(den.max()), 1e-6) * 4.0, 0.0, 1.0)
+    return (wt * num / np.maximum(den, 1e-6) + (1 - wt) * glob).astype(np.float32)
+
+
+def _refine_cavity(sdf: np.ndarray, image: np.ndarray, band: float, prior_weight: float,
+                   sector: np.ndarray, grow: float = 1.0, blood_level=None,
+                   margin: float = 10.0) -> np.ndarray:
+    """Snap the tracked cavity (sdf < 0) to the dark blood pool of ``image`` within +-band px."""
+    near = np.abs(sdf) <= 2.0 * band
+    near &= sector
+    vals = image[near]
+    if vals.size < 20:
+        return sdf
+    thr, _ = cv2.threshold(vals.astype(np.uint8).reshape(-1, 1), 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    blood = image.astype(np.float32) < thr
+    if blood_level is not None:
+        blood |= image.astype(np.float32) < blood_level + margin
+    core = sdf <= -band
+    inner = (sdf < 0) & ~core
+    grow_zone = (sdf >= 0) & (sdf < grow)
+    # growth only into pixels as dark as the key frame's blood (Otsu's class leaks into the LA)
+    dark = image.astype(np.float32) < (blood_level + 0.5 * margin if blood_level is not None else thr)
+    cand = core | (inner & blood) | (grow_zone & dark)
+    cand = ndimage.binary_opening(cand, iterations=1) | core
+    cand = _clean(cand)
+    if not cand.any():
+        return sdf
+    s_img = _sdf(cand)
+    return (prior_weight * sdf + (1.0 - prior_weight) * s_img).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- main
+def _labels_present(known: dict) -> list:
+    present = set()
+    for m in known.values():
+        present |= set(np.unique(m).tolist())
+    return sorted(present - {0})
+
+
+def _structures(mask: np.ndarray) -> dict[str, np.ndarray]:
+    """Nested structures tracked separately: LV cavity, LV epicardium (cavity + myocardium), LA."""
+    return {"endo": mask == LV_ENDO, "epi": (mask == LV_ENDO) | (mask == LV_MYO), "la": mask == LA}
+
+
+def _compose(sdfs: dict, present: list, shape: tuple) -> np.ndarray:
+    """Label map from per-structure sdfs with topology kept: endo inside epi, LA outside the LV."""
+    out = np.zeros(shape, dtype=np.uint8)
+    endo = _clean(sdfs["endo"] < 0) if LV_ENDO in present else np.zeros(shape, bool)
+    epi = None
+    if LV_MYO in present:
+        epi = _clean((sdfs["epi"] < 0) | endo)
+        out[epi] = LV_MYO
+    out[endo] = LV_ENDO
+    if LA in present:
+        la = sdfs["la"] < 0
+        la &= out == 0
+        la = _clean(la) & (out == 0)
+        out[la] = LA
+    return out
+
+
+def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iterable[int]] = None,
+                    options: Optional[PropagationOptions] = None,
+                    progress: Optional[Callable[[float, str], None]] = None,
+                    cancel: Optional[Callable[[], bool]] = None) -> np.ndarray:
+    """Label maps ``[T, H, W]`` uint8 for every frame of ``cine`` (or ``[len(frames), H, W]`` for
+    ``frames``) from ``masks`` ``{frame: [H, W] label map}`` (labels 1 LV endo, 2 LV myocardium,
+    3 LA). Known frames come back unchanged. ValueError names bad input."""
+    opt = options or PropagationOptions()
+    grey = _grey_frames(cine)
+    T, H, W = grey.shape
+    known = _checked_masks(masks, (T, H, W))
+    wanted = list(range(T)) if frames is None else [int(f) for f in frames]
+    for f in wanted:
+        if not 0 <= f < T:
+            raise ValueError(f"requested frame {f} is outside the cine (frames 0..{T - 1})")
+    scale = min(H, W) / _REF_SIZE
+    sector = _sector(grey)
+    images = _prefilter(grey, sector, max(0.6, opt.smooth_sigma_px * scale))
+    flow = _Flow(images, opt.flow_preset, opt.flow_side, opt.flow_stride, opt.flow_iters)
+    present = _labels_present(known)
+    band = max(1.5, opt.band_px * scale)
+    keys = sorted(known)
+    todo = set(wanted) - set(keys)
+    lo, hi = (min(todo), max(todo)) if todo else (0, -1)
+    total = max(1, sum(1 for _ in _segments(keys, T, lo, hi)))
+    done = [0]
+
+    def tick(msg):
+        done[0] += 1
+        if progress is not None:
+            progress(min(1.0, done[0] / total), msg)
+        if cancel is not None and cancel():
+            raise PropagationCancelled("mask propagation cancelled")
+
+    def track(start: int, stop: int) -> dict[int, dict]:
+        """Per-frame structure sdfs tracked from known frame ``start`` towards ``stop`` (exclusive)."""
+        step = 1 if stop > start else -1
+        cur = {k: _sdf(v) for k, v in _structures(known[start]).items()}
+        level = _blood_level(images[start], known[start] == LV_ENDO, 4.0 * scale) \
+            if opt.blood_margin is not None else None
+        out = {}
+        for t in range(start + step, stop, step):
+            cur = {k: flow.warp(v, t - step, t) for k, v in cur.items()}
+            if opt.refine and LV_ENDO in present:
+                cur["endo"] = _refine_cavity(cur["endo"], images[t], band, opt.prior_weight, sector,
+                                              opt.grow_px * scale, level, opt.blood_margin or 0.0)
+            out[t] = cur
+            tick(f"tracking frame {t}")
+        return out
+
+    result: dict[int, np.ndarray] = {k: known[k].copy() for k in keys}
+    # before the first key frame, after the last one: one way; between two: both ways, blended.
+    if keys[0] > 0 and lo < keys[0]:
+        for t, s in track(keys[0], max(-1, lo - 1)).items():
+            result[t] = _compose(s, present, (H, W))
+    for a, b in zip(keys[:-1], keys[1:]):
+        if b - a < 2 or hi < a or lo > b:
+            continue
+        fwd, bwd = track(a, b), track(b, a)
+        for t in range(a + 1, b):
+            w = (t - a) / (b - a)
+            s = {k: (1 - w) * fwd[t][k] + w * bwd[t][k] for k in fwd[t]}
+            result[t] = _compose(s, present, (H, W))
+    if keys[-1] < T - 1 and hi > keys[-1]:
+        for t, s in track(keys[-1], hi + 1).items():
+            result[t] = _compose(s, present, (H, W))
+    return np.stack([result[f] for f in wanted]).astype(np.uint8)
+
+
+def _segments(keys: Sequence[int], T: int, lo: int, hi: int):
+    """Frames that will be tracked (for progress), one yield per tracking step."""
+    if keys[0] > 0 and lo < keys[0]:
+        yield from range(max(0, lo), keys[0])
+    for a, b in zip(keys[:-1], keys[1:]):
+        if b - a >= 2 and not (hi < a or lo > b):
+            yield from range(2 * (b - a - 1))
+    if keys[-1] < T - 1 and hi > keys[-1]:
+        yield from range(keys[-1] + 1, hi + 1)
