@@ -16,6 +16,7 @@ _LAZY = {
     "build_echofm": ("EchoFMEngine.models", "build_echofm"),
     "load_official_checkpoint": ("EchoFMEngine.models", "load_official_checkpoint"),
     "analyze": ("EchoFMEngine.analysis", "analyze"),
+    "propagate_masks": ("EchoFMEngine.propagate", "propagate_masks"),
 }
 
 
