@@ -100,6 +100,37 @@ def _checked_masks(masks, shape: tuple) -> dict[int, np.ndarray]:
     return out
 
 
+def read_mask_frames(path) -> dict[int, np.ndarray]:
+    """``{frame: [H, W] uint8}`` of the labelled frames of a ``[T, H, W]`` label volume (NRRD, NIfTI,
+    any SimpleITK format): frames with no labelled pixel are left out. ValueError names the file."""
+    import SimpleITK as sitk
+
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: masks file not found")
+    try:
+        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+    except RuntimeError as exc:
+        raise ValueError(f"{path}: cannot read as a label volume ({str(exc).strip().splitlines()[-1]})") from None
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(f"{path}: expected a [frames, rows, cols] label volume, got shape {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.mod(arr, 1) == 0):
+            raise ValueError(f"{path}: holds non-integer values; expected labels 0-3")
+    bad = sorted(set(np.unique(arr).astype(int).tolist()) - set(KNOWN_LABELS))
+    if bad:
+        raise ValueError(f"{path}: unknown label(s) {bad}; expected 0, {LV_ENDO} (LV endo), "
+                         f"{LV_MYO} (LV myocardium), {LA} (LA)")
+    frames = np.flatnonzero(arr.reshape(arr.shape[0], -1).any(1))
+    if frames.size == 0:
+        raise ValueError(f"{path}: no labelled frame (all zero)")
+    return {int(f): arr[f].astype(np.uint8) for f in frames}
+
+
 # ----------------------------------------------------------------------------- image preparation
 def _sector(grey: np.ndarray) -> np.ndarray:
     from .geometry import find_sector

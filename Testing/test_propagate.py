@@ -119,3 +119,41 @@ def test_real_traced_cines_es_from_ed(shared_data):
         pef = 100.0 * (1.0 - lv_volume(p).volume / lv_volume(m_ed).volume)
         assert d >= 0.87, f"{name}: ES Dice {d:.3f}"
         assert abs(pef - ef) <= 8.0, f"{name}: EF {pef:.1f} vs list {ef:.1f}"
+
+
+# ----------------------------------------------------------------------------- analysis
+def test_analyze_with_drawn_frame_propagates():
+    from EchoFMEngine.analysis import analyze
+
+    st = make_study("A4C", n_frames=60, size=(112, 112), fps=30.0, seed=3, with_ecg=False)
+    ed = int(st.ed_frames[0])
+    res = analyze(st.cine, models={}, masks={ed: st.masks[ed]})
+    assert res.segmentation["segmentation_method"] == "propagated"
+    assert res.segmentation["known_frames"] == [ed]
+    assert len(res.segmentation["frames"]) == st.cine.num_frames
+    assert res.phase["method"] == "masks"          # ED/ES from the propagated volume curve
+    assert np.array_equal(res.masks[ed], st.masks[ed])
+    assert abs(res.measurements["ef_percent"] - st.ef) <= 6.0
+
+
+def test_analyze_cli_masks_nrrd(tmp_path):
+    import SimpleITK as sitk
+
+    from EchoFMEngine.analysis.batch import cli
+    from EchoFMEngine.propagate import read_mask_frames
+    from EchoFMEngine.synthetic import write_dicom
+
+    st = make_study("A4C", n_frames=24, size=(96, 96), fps=30.0, seed=5)
+    dcm = write_dicom(st, tmp_path / "cine.dcm")
+    vol = np.zeros_like(st.masks)
+    ed = int(st.ed_frames[0])
+    vol[ed] = st.masks[ed]
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(tmp_path / "drawn.nrrd"))
+    assert list(read_mask_frames(tmp_path / "drawn.nrrd")) == [ed]
+    assert cli([str(dcm), "--out", str(tmp_path / "out"), "--models", str(tmp_path / "none"),
+                "--masks", str(tmp_path / "drawn.nrrd"), "--no-summary"]) == 0
+    # bad masks files are refused by name, before anything runs
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros_like(vol)), str(tmp_path / "empty.nrrd"))
+    with pytest.raises(ValueError, match="empty.nrrd: no labelled frame"):
+        read_mask_frames(tmp_path / "empty.nrrd")
+    assert cli([str(dcm), "--out", str(tmp_path / "out2"), "--masks", str(tmp_path / "empty.nrrd")]) == 2

@@ -206,8 +206,9 @@ def _broadcast(obj, rank: int, world: int):
 
 def analyze_paths(paths: Iterable[Union[str, Path]], out: Union[str, Path], models=None, device: str = "auto",
                   segment: str = "ed_es", summary: bool = True, progress: bool = True,
-                  max_cycles: Optional[int] = None) -> dict:
+                  max_cycles: Optional[int] = None, masks=None) -> dict:
     """Analyse every input, write one folder per study plus ``results.csv`` (and ``failed.csv``).
+    ``masks``: ``{frame: label map}`` drawn on the (single) input, propagated to every frame.
 
     Returns ``{"done": [study ids], "skipped": [ids already complete], "failed": [(file name, reason)],
     "stopped": reason or None, "out": folder}``. Raises :class:`OutputFolderError` when ``out`` cannot
@@ -220,6 +221,8 @@ def analyze_paths(paths: Iterable[Union[str, Path]], out: Union[str, Path], mode
     out = Path(out)
     rank, world = _dist()
     files, missing = expand_inputs(paths)
+    if masks is not None and len(files) != 1:
+        raise ValueError(f"--masks belongs to one cine, but {len(files)} inputs were given")
     taken: set = set()
     items = [(path, study_id(path.name, taken)) for path in files]
     identity = _run_identity(items, {"segment": segment, "max_cycles": max_cycles, "summary": bool(summary),
@@ -244,13 +247,13 @@ def analyze_paths(paths: Iterable[Union[str, Path]], out: Union[str, Path], mode
         raise OutputFolderError(error)
     try:
         return _analyze_items(items, missing, out, rank, world, models, device, segment, summary, progress,
-                              max_cycles, tqdm, load_cine, load_models)
+                              max_cycles, tqdm, load_cine, load_models, masks=masks)
     finally:
         lock.release()
 
 
 def _analyze_items(items, missing, out, rank, world, models, device, segment, summary, progress, max_cycles,
-                   tqdm, load_cine, load_models) -> dict:
+                   tqdm, load_cine, load_models, masks=None) -> dict:
     _, complete = _resume_rows(out, items)
     todo = [(p, s) for p, s in items if s not in complete]
     mine = todo[rank::world]
@@ -277,7 +280,8 @@ def _analyze_items(items, missing, out, rank, world, models, device, segment, su
     for k, (path, sid) in enumerate(bar):
         try:
             cine = load_cine(path)
-            result = analyze(cine, models=store, device=device, segment=segment, max_cycles=max_cycles)
+            result = analyze(cine, models=store, device=device, segment=segment, max_cycles=max_cycles,
+                             masks=masks)
             write_study(result, out, sid, cine=cine, summary=summary)
             results.append(_row_of(out, sid))
             done.append(sid)
@@ -353,11 +357,23 @@ def cli(argv) -> int:
     ap.add_argument("--max-cycles", type=int, default=None,
                     help="run the models on the first N full cardiac cycles only (faster; default: all)")
     ap.add_argument("--no-summary", action="store_true", help="skip the PNG summaries (faster batches)")
+    ap.add_argument("--masks", default=None, metavar="FILE.nrrd",
+                    help="label maps [T, H, W] of one input cine with one or more labelled frames (1 LV endo, "
+                         "2 LV myocardium, 3 LA): propagated to every frame (docs/propagation.md)")
     a = ap.parse_args(list(argv))
+    masks = None
+    if a.masks:
+        from ..propagate import read_mask_frames
+
+        try:
+            masks = read_mask_frames(a.masks)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         report = analyze_paths(a.paths, a.out, models=a.models, device=a.device, segment=a.segment,
-                               summary=not a.no_summary, max_cycles=a.max_cycles)
-    except (OutputFolderError, CheckpointError, RuntimeError) as e:
+                               summary=not a.no_summary, max_cycles=a.max_cycles, masks=masks)
+    except (OutputFolderError, CheckpointError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_ok, n_bad, n_skip = len(report["done"]), len(report["failed"]), len(report["skipped"])

@@ -123,7 +123,8 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
 
     ``models``: a models folder (default ``$ECHOFM_MODELS`` or ``~/.echofm/models``), a
     :class:`ModelStore`, or ``{task: model}`` of loaded models carrying their ``description``;
-    ``masks``: optional label maps ``[T, H, W]`` from the user (used instead of a segmenter);
+    ``masks``: optional label maps ``[T, H, W]`` from the user (used instead of a segmenter), or
+    ``{frame: [H, W] label map}`` for a few drawn frames, propagated to every frame first;
     ``segment``: ``"ed_es"`` (segment the ED and ES frames) or ``"all"`` (every frame);
     ``max_cycles``: run the models on the first N full cycles only (faster; default: every cycle).
     Raises :class:`~EchoFMEngine.cine.CineReadError` for an unreadable file and ValueError for
@@ -139,6 +140,12 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     cine = cine_or_path if isinstance(cine_or_path, Cine) else load_cine(cine_or_path)
     name = cine.source.file_name or (Path(cine_or_path).name if not isinstance(cine_or_path, Cine) else "array")
     res = StudyResult(input=name, cine=_cine_facts(cine), flags=quality_flags(cine))
+    known_frames = None
+    if isinstance(masks, Mapping):   # {frame: label map}: propagated to every frame (issue 12)
+        from ..propagate import propagate_masks
+
+        known_frames = sorted(int(k) for k in masks)
+        masks = propagate_masks(cine, masks)
     user_masks = check_masks(masks, cine) if masks is not None else None
     dev = resolve_device(device)
     store = models if isinstance(models, Mapping) else load_models(models, device)
@@ -189,7 +196,7 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
 
     # Masks: the user's, else the segmenter's (ED/ES or every frame).
     t = time.perf_counter()
-    labels_map, source = user_masks, "user"
+    labels_map, source = user_masks, ("user" if known_frames is None else "propagated")
     if labels_map is None:
         seg_model = _load(store, "segment", dev, res.needs)
         if seg_model is not None:
@@ -213,6 +220,8 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
         frames = [int(f) for f in np.flatnonzero(labels_map.reshape(cine.num_frames, -1).any(1))]
         res.masks = labels_map
         res.segmentation = {"source": source, "frames": frames, "labels": SEGMENT_LABELS}
+        if known_frames is not None:
+            res.segmentation.update(segmentation_method="propagated", known_frames=known_frames)
         t = time.perf_counter()
         try:
             res.measurements = cardiac_measurements(labels_map, cine.spacing_mm, phase.ed_frames, phase.es_frames,
