@@ -14,6 +14,7 @@ import numpy as np
 from scipy.signal import detrend, find_peaks
 
 from EchoFMEngine.cine import Cine
+from EchoFMEngine.image_beats import detect_image_beats, noise_level
 
 _FEATURE_SIZE = 32
 _MAX_RR_JUMP = 1.8  # an R-R interval this many times the median hides a missed beat
@@ -112,21 +113,6 @@ def _ecg_period_frames(cine: Cine) -> Optional[float]:
 
 
 # ----------------------------------------------------------------------------- images
-def _darkness(features_raw: np.ndarray) -> np.ndarray:
-    """Mean darkness of the most variable pixels per frame: high when the cavities are largest."""
-    std = features_raw.std(axis=0)
-    moving = std >= np.quantile(std, 0.8)
-    return -features_raw[:, moving].mean(axis=1)
-
-
-def noise_level(v: np.ndarray) -> float:
-    """Robust frame-to-frame noise of a 1-D signal (MAD of its residual from a 3-frame median)."""
-    if v.size < 3:
-        return 0.0
-    med = np.median(np.stack([v[:-2], v[1:-1], v[2:]]), axis=0)
-    return float(1.4826 * np.median(np.abs(v[1:-1] - med)))
-
-
 def peak_runs(v: np.ndarray, min_dist: int, rel_prominence: float = 0.3) -> list:
     """Maxima of v as runs (lo, hi) of frames within noise of the peak value; ends of v allowed."""
     span = float(v.max() - v.min())
@@ -147,65 +133,16 @@ def peak_runs(v: np.ndarray, min_dist: int, rel_prominence: float = 0.3) -> list
     return sorted(set(runs))
 
 
-def _run_centres(runs: list, v: np.ndarray, n: int) -> np.ndarray:
-    """Centre of each run. A run cut by the clip's start or end counts only if its top lies
-    inside the clip and reaches the height of the inner peaks; it is extended to their usual
-    length and dropped if its centre then falls before frame 0 (``n`` still closes a cycle)."""
-    inner = [(lo, hi) for lo, hi in runs if lo > 0 and hi < n - 1]
-    length = float(np.median([hi - lo + 1 for lo, hi in inner])) if inner else None
-    height = float(np.median([v[lo: hi + 1].max() for lo, hi in inner])) if inner else None
-    tol = 0.1 * float(np.ptp(v))
-    out = []
-    for lo, hi in runs:
-        cut = lo == 0 or hi == n - 1
-        top = lo + int(np.argmax(v[lo: hi + 1]))
-        if cut and (top in (0, n - 1) or (height is not None and v[top] < height - tol)):
-            continue  # the clip may end on the way up to (or start on the way down from) an ED
-        c = (lo + hi) / 2
-        if length is not None and lo == 0 and hi < n - 1 and hi + 1 < length:
-            c = hi - (length - 1) / 2
-        elif length is not None and hi == n - 1 and lo > 0 and n - lo < length:
-            c = lo + (length - 1) / 2
-        if -0.5 <= c < n + 0.5:
-            out.append(int(np.floor(c + 0.5)))
-    return np.unique(out).astype(int)
-
-
-def _cosine_to(x: np.ndarray, template: np.ndarray) -> np.ndarray:
-    u = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    return u @ (template / max(np.linalg.norm(template), 1e-12))
-
-
 def image_cycle_starts(cine: Cine, min_hr_bpm: float = 30, max_hr_bpm: float = 200) -> np.ndarray:
-    """End-diastolic frames from the images alone (no ECG); a value ``T`` may close the last cycle.
-
-    1. period from the autocorrelation of the frame sequence; 2. coarse ED = frames most like
-    the darkest (largest-cavity) phase, ES = frames least like them; 3. a volume-like signal:
-    each frame projected on the ES->ED direction; ED = centre of each of its maximum plateaus."""
-    # Detrended features for the period (drift is not periodic); plain ones for the phase, as a
-    # trend fitted over a non-integer number of beats would tilt every plateau.
-    x = frame_features(cine, remove_trend=False)
-    T = x.shape[0]
-    if T < 4:
-        return np.zeros(0, dtype=int)
-    period = _period_from_features(detrend(x, axis=0), cine.fps, min_hr_bpm, max_hr_bpm)
-    if period is None:
-        return np.zeros(0, dtype=int)
-    min_dist = max(2, int(np.floor(min(cine.fps * 60.0 / max_hr_bpm, 0.5 * period))))
-    dark = np.convolve(_darkness(x), np.ones(3) / 3, mode="same")
-    ref = int(np.argmax(dark[1:-1]) + 1)
-    s = _cosine_to(x, x[ref])
-    ed0 = [int(round((lo + hi) / 2)) for lo, hi in peak_runs(s, min_dist)]
-    if not ed0:
-        return np.zeros(0, dtype=int)
-    s = _cosine_to(x, x[ed0].mean(axis=0))
-    es0 = [int(round((lo + hi) / 2)) for lo, hi in peak_runs(-s, min_dist)]
-    if not es0:
-        return np.zeros(0, dtype=int)
-    direction = x[ed0].mean(axis=0) - x[es0].mean(axis=0)
-    direction[np.abs(direction) < 0.3 * np.abs(direction).max()] = 0.0  # keep the moving borders
-    volume_like = x @ (direction / max(np.linalg.norm(direction), 1e-12))
-    return _run_centres(peak_runs(volume_like, min_dist), volume_like, T)
+    """End-diastolic frames from the images alone (no ECG): the ED of every beat that
+    ``image_beats.detect_image_beats`` finds, kept when the beat lengths fit the heart-rate range."""
+    ed = np.asarray(detect_image_beats(cine).ed, dtype=int)
+    if ed.size >= 2:
+        hr = 60.0 * cine.fps / np.diff(ed)
+        if not np.all((hr >= min_hr_bpm) & (hr <= max_hr_bpm)):
+            keep = np.concatenate([[True], (hr >= min_hr_bpm) & (hr <= max_hr_bpm)])
+            ed = ed[keep]
+    return ed
 
 
 # ----------------------------------------------------------------------------- cycles

@@ -18,12 +18,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 from EchoFMEngine.cine import Cine
+from EchoFMEngine.image_beats import LOW_CONFIDENCE, MIN_QUALITY, blood_pool_signal, detect_image_beats
 
 MAX_HR_BPM = 220.0
 MIN_SAME_KIND_S = 60.0 / MAX_HR_BPM  # 0.273 s: two EDs (or two ESs) are at least one beat apart
 MIN_OPPOSITE_S = 0.08                # shortest systole / diastole between an ED and an ES
-_SIGNAL_SIZE = 96                    # the image signal is computed at this many pixels (long side)
-_VENTRICLE_DEPTH = 0.6               # apical views: ventricles in the upper 60 % of the sector
+ECG_MIN_QUALITY = 0.6                # template correlation: clean ECG ~0.99, white noise ~0.4
+ECG_IMAGE_AGREEMENT = 0.25           # ECG and image heart rates differing by more: the ECG is not this cine's
 
 
 @dataclass
@@ -35,13 +36,24 @@ class Phase:
     heart_rate_bpm: Optional[float]
     method: str  # "ecg" | "masks" | "image"
     notes: list = field(default_factory=list)
+    ed_confidence: list = field(default_factory=list)  # one value in [0, 1] per ED frame
+    es_confidence: list = field(default_factory=list)
+    flags: list = field(default_factory=list)  # [{"name": ..., "reason": ...}]: results not to trust blindly
+    signal: Optional[np.ndarray] = field(default=None, repr=False)  # what the events were read from
+    signal_name: str = ""
+
+    def flag(self, name: str, reason: str) -> None:
+        if all(f["name"] != name for f in self.flags):
+            self.flags.append({"name": name, "reason": reason})
 
     def to_dict(self) -> dict:
-        """JSON-ready copy."""
+        """JSON-ready copy (without the signal)."""
         hr = self.heart_rate_bpm
         return {"ed_frames": [int(f) for f in self.ed_frames], "es_frames": [int(f) for f in self.es_frames],
                 "heart_rate_bpm": None if hr is None else round(float(hr), 2), "method": self.method,
-                "notes": list(self.notes)}
+                "ed_confidence": [round(float(c), 3) for c in self.ed_confidence],
+                "es_confidence": [round(float(c), 3) for c in self.es_confidence],
+                "flags": [dict(f) for f in self.flags], "signal": self.signal_name, "notes": list(self.notes)}
 
 
 # ----------------------------------------------------------------------------- signals
@@ -51,45 +63,6 @@ def lv_area_curve(masks, lv_labels: Sequence[int] = (1,)) -> np.ndarray:
     area = np.isin(m, list(lv_labels)).reshape(m.shape[0], -1).sum(axis=1).astype(np.float64)
     area[area == 0] = np.nan
     return area
-
-
-def blood_pool_signal(cine: Cine) -> np.ndarray:
-    """Share of dark (blood) pixels per frame in the upper part of the scan sector: a cavity-size
-    proxy for apical views, highest at ED and lowest at ES.
-
-    Frames are cropped to the sector (``geometry.find_sector``), reduced to ~96 px and smoothed
-    against speckle; darkness is graded around an Otsu threshold of the sector's pixels."""
-    from scipy import ndimage
-    from skimage.filters import threshold_otsu
-    from skimage.transform import resize
-
-    from EchoFMEngine.geometry import find_sector
-
-    grey = cine.grey()
-    T, H, W = grey.shape
-    sector = find_sector(cine.frames)
-    if sector is None or not sector.any():
-        sector = np.ones((H, W), dtype=bool)
-    rows, cols = np.flatnonzero(sector.any(1)), np.flatnonzero(sector.any(0))
-    grey = grey[:, rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
-    sector = sector[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
-    scale = min(1.0, _SIGNAL_SIZE / max(grey.shape[1:]))
-    if scale < 1.0:
-        shape = (max(8, int(round(grey.shape[1] * scale))), max(8, int(round(grey.shape[2] * scale))))
-        grey = resize(grey, (T,) + shape, order=1, anti_aliasing=True, preserve_range=True)
-        sector = resize(sector.astype(np.float32), shape, order=0) > 0.5
-    grey = ndimage.gaussian_filter(grey.astype(np.float32), sigma=(0, 2.0, 2.0))
-    region = sector.copy()
-    region[int(np.ceil(_VENTRICLE_DEPTH * region.shape[0])):] = False
-    region = ndimage.binary_erosion(region, iterations=2) if ndimage.binary_erosion(region, iterations=2).any() \
-        else region
-    values = grey[:, region]
-    if values.size == 0 or np.ptp(values) == 0:
-        return np.zeros(T)
-    thr = float(threshold_otsu(values[:: max(1, T // 16)].ravel()))
-    # soft membership (1 at black, 0 at twice the threshold): speckle crossing the threshold
-    # moves it a little instead of flipping pixels
-    return np.clip(1.0 - values / (2.0 * thr), 0.0, 1.0).mean(axis=1) if thr > 0 else np.zeros(T)
 
 
 # ----------------------------------------------------------------------------- events
@@ -284,52 +257,83 @@ def _period(cine: Cine, ed: list) -> Optional[float]:
     return estimate_period_frames(cine)
 
 
-def _from_image(cine: Cine, notes: list) -> tuple[list, list, Optional[float]]:
-    """ED from the images' cycle starts (``cycles.image_cycle_starts``), ES as the blood-pool
-    minimum of each cycle; without a detectable period, only clear extrema of the blood pool."""
-    from EchoFMEngine.cycles import noise_level, image_cycle_starts
+def _from_image(cine: Cine, phase: Phase) -> None:
+    """ED/ES of every beat from the images (``image_beats``), with confidences and flags."""
+    found = detect_image_beats(cine)
+    phase.ed_frames, phase.es_frames = list(found.ed), list(found.es)
+    phase.ed_confidence, phase.es_confidence = list(found.ed_confidence), list(found.es_confidence)
+    phase.signal, phase.signal_name = found.signal, "blood pool (dark share of the upper scan sector)"
+    phase.heart_rate_bpm = _hr_from_events(phase.ed_frames, cine.fps)
+    if phase.heart_rate_bpm is None and found.period_frames:
+        phase.heart_rate_bpm = 60.0 * cine.fps / found.period_frames
+    if found.period_frames is None:
+        phase.flag("no_heartbeat_found", found.reason)
+        phase.notes.append(found.reason + ": no ED/ES reported")
+        return
+    if found.quality < MIN_QUALITY:
+        phase.flag("phase_low_confidence", f"the image signal barely repeats (autocorrelation "
+                                           f"{found.quality:.2f} at the period): ED/ES uncertain")
+    weak = [f for f, c in zip(phase.ed_frames + phase.es_frames, phase.ed_confidence + phase.es_confidence)
+            if c < LOW_CONFIDENCE]
+    if weak:
+        phase.flag("phase_low_confidence", f"{len(weak)} ED/ES event(s) with a weak systolic stroke "
+                                           f"(frames {sorted(weak)}): check them")
+    if not phase.ed_frames and not phase.es_frames:
+        phase.flag("no_heartbeat_found", found.reason or "no ED or ES visible in the clip")
 
-    T, fps = cine.num_frames, cine.fps
-    v = blood_pool_signal(cine)
-    starts = [int(f) for f in image_cycle_starts(cine, max_hr_bpm=MAX_HR_BPM)]
-    min_same, min_opp = _frames(MIN_SAME_KIND_S, fps), _frames(MIN_OPPOSITE_S, fps)
-    if starts:
-        period = _period(cine, starts)
-        es = [f for f in _es_per_cycle(v, starts, period) if f < T]
-        events = [(f, "ed", float(v[f])) for f in starts if f < T] + [(f, "es", float(v[f])) for f in es]
-    else:
-        period = None
-        notes.append("images: no repeating heartbeat found (clip shorter than ~1.5 cycles, or no motion): "
-                     "only clear extrema of the blood-pool signal are reported")
-        events = []
-        span = float(np.ptp(v))
-        if span > 8.0 * noise_level(v):
-            # an ED is followed by ejection, an ES preceded by it or followed by filling: keep
-            # extrema with a swing of half the signal's range next to them (a diastasis bump has none)
-            ed = [e for e in _extrema(v, "ed", min_same) if v[e[0]] - v[e[0]:].min() >= 0.5 * span]
-            es = [e for e in _extrema(v, "es", min_same)
-                  if max(v[: e[0] + 1].max(), v[e[0]:].max()) - v[e[0]] >= 0.5 * span]
-            events = ed + es
-    events = _clean_events(events, min_same, min_opp)
-    return [e[0] for e in events if e[1] == "ed"], [e[0] for e in events if e[1] == "es"], period
+
+def ecg_usability(cine: Cine) -> tuple[bool, str]:
+    """Whether the cine's ECG can place ED: it must have R peaks, a quality of a real ECG and a
+    heart rate that the images do not contradict. (usable, reason when not)."""
+    from EchoFMEngine.ecg import ecg_quality
+
+    ecg = cine.ecg
+    if ecg is None or ecg.signal.size == 0:
+        return False, "no ECG"
+    sig = np.asarray(ecg.signal, dtype=np.float64)
+    if not np.isfinite(sig).all() or np.ptp(sig) < 1e-9:
+        return False, "the ECG is flat or not finite"
+    q = ecg_quality(sig, ecg.fs)
+    if q < ECG_MIN_QUALITY:
+        return False, f"ECG quality {q:.2f} (under {ECG_MIN_QUALITY}: noise, not a usable trace)"
+    hr_ecg = _ecg_heart_rate(cine)
+    if not np.isfinite(hr_ecg) or not 30.0 <= hr_ecg <= MAX_HR_BPM:
+        return False, f"ECG heart rate {hr_ecg:.0f} bpm is not physiological"
+    found = detect_image_beats(cine)
+    if found.period_frames and found.quality >= 0.6:
+        hr_img = 60.0 * cine.fps / found.period_frames
+        if abs(hr_img - hr_ecg) > ECG_IMAGE_AGREEMENT * hr_ecg:
+            return False, (f"ECG heart rate {hr_ecg:.0f} bpm disagrees with the images' "
+                           f"{hr_img:.0f} bpm: the ECG does not belong to these frames")
+    return True, ""
 
 
 def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,)) -> Phase:
-    """ED and ES frames of every cycle in ``cine``: ECG, else LV masks (label maps ``[T, H, W]``),
-    else images. ValueError for a single frame or masks that do not match the frames."""
+    """ED and ES frames of every cycle in ``cine``: a usable ECG, else LV masks (label maps
+    ``[T, H, W]``), else images. ValueError for a single frame or masks that do not match."""
     from EchoFMEngine.cycles import ecg_peak_frames
 
     T = cine.num_frames
     if T < 2:
         raise ValueError(f"ED/ES need a cine loop of at least two frames, got {T}")
-    notes: list = []
+    phase = Phase([], [], None, "image")
+    notes = phase.notes
     fps = cine.fps
     area = None
     if masks is not None:
         area = lv_area_curve(_masks_checked(masks, cine), lv_labels)
     min_same, min_opp = _frames(MIN_SAME_KIND_S, fps), _frames(MIN_OPPOSITE_S, fps)
 
-    r_frames = ecg_peak_frames(cine)
+    r_frames = None
+    if cine.ecg is not None:
+        usable, why = ecg_usability(cine)
+        if usable:
+            r_frames = ecg_peak_frames(cine)
+            if r_frames is None:
+                why = "the ECG does not span the clip with two beats"
+        if r_frames is None:
+            phase.flag("ecg_unusable", f"{why}: ED/ES from the {'masks' if area is not None else 'images'}")
+            notes.append(f"ECG not used: {why}")
     if r_frames is not None:
         hr = _ecg_heart_rate(cine)
         closing = [int(f) for f in r_frames if f >= T]  # an R peak just after the clip closes the last cycle
@@ -350,26 +354,30 @@ def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,)) -> Pha
         notes.insert(0, f"ED at the ECG R peaks; ES from the {src} in each R-R interval")
         if not ed:
             notes.append("no R peak inside the clip")
-        return Phase([e[0] for e in events if e[1] == "ed"], [e[0] for e in events if e[1] == "es"],
-                     None if not np.isfinite(hr) else float(hr), "ecg", notes)
+        phase.ed_frames = [e[0] for e in events if e[1] == "ed"]
+        phase.es_frames = [e[0] for e in events if e[1] == "es"]
+        phase.ed_confidence, phase.es_confidence = [1.0] * len(phase.ed_frames), [1.0] * len(phase.es_frames)
+        phase.heart_rate_bpm = None if not np.isfinite(hr) else float(hr)
+        phase.method, phase.signal, phase.signal_name = "ecg", np.asarray(v, dtype=np.float64), src
+        return phase
 
     if area is not None:
         found = _from_masks(area, fps, notes)
         if found is not None:
-            ed, es = found
+            phase.ed_frames, phase.es_frames = found
+            phase.ed_confidence, phase.es_confidence = [1.0] * len(found[0]), [1.0] * len(found[1])
             notes.insert(0, "ED = largest and ES = smallest LV area per cycle (masks)")
-            return Phase(ed, es, _hr_from_events(ed, fps), "masks", notes)
+            phase.heart_rate_bpm, phase.method = _hr_from_events(phase.ed_frames, fps), "masks"
+            phase.signal, phase.signal_name = area, "LV area (masks, pixels)"
+            return phase
         notes.append("masks unusable for ED/ES: falling back to the images")
 
-    ed, es, period = _from_image(cine, notes)
-    notes.insert(0, "ED/ES from the images alone (ED: cycle starts of the frame sequence; ES: smallest "
-                    "blood-pool area in the upper scan sector, apical views)")
-    if len(ed) < 2:
+    _from_image(cine, phase)
+    notes.insert(0, "ED/ES from the images alone: ED at the top and ES at the bottom of each systolic "
+                    "downstroke of the blood-pool signal (upper scan sector, apical views)")
+    if len(phase.ed_frames) < 2:
         notes.append("fewer than two ED frames: the clip holds no full cycle")
-    hr = _hr_from_events(ed, fps)
-    if hr is None and period:
-        hr = 60.0 * fps / period
-    return Phase(ed, es, hr, "image", notes)
+    return phase
 
 
 # ----------------------------------------------------------------------------- evaluation

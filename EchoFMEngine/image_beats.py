@@ -1,0 +1,239 @@
+"""Heartbeats of a cine without ECG, from the images alone: the period, every ED and ES, each with
+a confidence.
+
+The signal is the LV/RV blood-pool size (the dark share of the upper scan sector, where apical
+views show the ventricles): it is largest at ED and smallest at ES. Its strongest, sharpest
+feature on real cines is the systolic downstroke (rapid ejection), so beats are found as
+downstrokes about one period apart (period from the signal's autocorrelation, its fundamental
+rather than a multiple); ED is the top of the signal just before each downstroke, ES its bottom
+just after. A beat cut by the start or end of the clip is reported only where the clip shows
+the extremum. Checked on real EchoNet-Dynamic cines (see docs/measurements.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+from scipy import ndimage
+from scipy.signal import detrend, find_peaks
+from skimage.filters import threshold_otsu
+from skimage.transform import resize
+
+from EchoFMEngine.cine import Cine
+from EchoFMEngine.geometry import find_sector
+
+SIGNAL_SIZE = 96          # the signal is computed at this many pixels (long side)
+VENTRICLE_DEPTH = 0.6     # apical views: ventricles in the upper 60 % of the sector
+MIN_HR_BPM, MAX_HR_BPM = 30.0, 220.0
+MIN_SNR = 6.0             # swing of the signal over its frame-to-frame noise: white noise gives ~3
+MIN_REPEAT = 0.2          # autocorrelation at the period below this: no heartbeat (noise repeats less)
+MIN_QUALITY = 0.35        # autocorrelation at the period below this: the signal barely repeats
+LOW_CONFIDENCE = 0.5      # an event whose stroke is under half the usual one is uncertain
+
+
+@dataclass
+class ImageBeats:
+    """ED/ES frames found from the images, a confidence in [0, 1] per event, the period (frames)
+    and the repeat quality of the signal (its autocorrelation at the period)."""
+
+    ed: list = field(default_factory=list)
+    es: list = field(default_factory=list)
+    ed_confidence: list = field(default_factory=list)
+    es_confidence: list = field(default_factory=list)
+    period_frames: Optional[float] = None
+    quality: float = 0.0
+    signal: Optional[np.ndarray] = None
+    reason: str = ""  # why nothing (or little) was found
+
+
+def blood_pool_signal(cine: Cine) -> np.ndarray:
+    """Share of dark (blood) pixels per frame in the upper part of the scan sector: a cavity-size
+    proxy for apical views, highest at ED and lowest at ES.
+
+    Frames are cropped to the sector (``geometry.find_sector``), reduced to ~96 px and smoothed
+    against speckle; darkness is graded around an Otsu threshold of the sector's pixels."""
+    grey = cine.grey()
+    T, H, W = grey.shape
+    sector = find_sector(cine.frames)
+    if sector is None or not sector.any():
+        sector = np.ones((H, W), dtype=bool)
+    rows, cols = np.flatnonzero(sector.any(1)), np.flatnonzero(sector.any(0))
+    grey = grey[:, rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    sector = sector[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    scale = min(1.0, SIGNAL_SIZE / max(grey.shape[1:]))
+    if scale < 1.0:
+        shape = (max(8, int(round(grey.shape[1] * scale))), max(8, int(round(grey.shape[2] * scale))))
+        grey = resize(grey, (T,) + shape, order=1, anti_aliasing=True, preserve_range=True)
+        sector = resize(sector.astype(np.float32), shape, order=0) > 0.5
+    grey = ndimage.gaussian_filter(grey.astype(np.float32), sigma=(0, 2.0, 2.0))
+    region = sector.copy()
+    region[int(np.ceil(VENTRICLE_DEPTH * region.shape[0])):] = False
+    eroded = ndimage.binary_erosion(region, iterations=2)
+    region = eroded if eroded.any() else region
+    values = grey[:, region]
+    if values.size == 0 or np.ptp(values) == 0:
+        return np.zeros(T)
+    thr = float(threshold_otsu(values[:: max(1, T // 16)].ravel()))
+    # soft membership (1 at black, 0 at twice the threshold): speckle crossing the threshold
+    # moves it a little instead of flipping pixels
+    return np.clip(1.0 - values / (2.0 * thr), 0.0, 1.0).mean(axis=1) if thr > 0 else np.zeros(T)
+
+
+def noise_level(v: np.ndarray) -> float:
+    """Robust frame-to-frame noise of a 1-D signal (MAD of its residual from a 3-frame median)."""
+    if v.size < 3:
+        return 0.0
+    med = np.median(np.stack([v[:-2], v[1:-1], v[2:]]), axis=0)
+    return float(1.4826 * np.median(np.abs(v[1:-1] - med)))
+
+
+def _autocorrelation(v: np.ndarray, max_lag: int) -> np.ndarray:
+    v = v - v.mean()
+    n = v.size
+    out = np.zeros(max_lag + 1)
+    for k in range(min(max_lag, n - 2) + 1):
+        a, b = v[: n - k], v[k:]
+        out[k] = float(a @ b) / max(float(np.sqrt((a @ a) * (b @ b))), 1e-12)
+    return out
+
+
+def signal_period(v: np.ndarray, fps: float, min_hr_bpm: float = MIN_HR_BPM,
+                  max_hr_bpm: float = MAX_HR_BPM) -> tuple[Optional[float], float]:
+    """(period in frames, autocorrelation there) of a 1-D signal; (None, 0) if the clip holds
+    under ~1.3 periods or nothing repeats. Of the autocorrelation peaks, a sub-multiple of the
+    strongest that repeats at least half as well is the fundamental (skipped beats are the
+    failure that matters on real cines)."""
+    n = v.size
+    lo = max(2, int(np.floor(fps * 60.0 / max_hr_bpm)))
+    hi = min(int(np.ceil(fps * 60.0 / min_hr_bpm)), int(n / 1.3))
+    if hi <= lo + 1 or np.ptp(v) == 0:
+        return None, 0.0
+    a = _autocorrelation(detrend(v), hi + 1)
+    peaks = [int(k) for k in find_peaks(a)[0] if lo <= k <= hi]
+    if not peaks:
+        return None, 0.0
+    best = max(peaks, key=lambda k: a[k])
+    for div in (4, 3, 2):
+        near = [k for k in peaks if abs(k * div - best) <= max(2.0, 0.12 * best)]
+        if near:
+            k = max(near, key=lambda k: a[k])
+            if a[k] >= 0.5 * a[best] and a[k] > 0.2:
+                best = k
+                break
+    k = best
+    if a[k] < MIN_REPEAT:
+        return None, float(a[k])
+    den = a[k - 1] - 2 * a[k] + a[k + 1]
+    return float(k + (0.5 * (a[k - 1] - a[k + 1]) / den if den < 0 else 0.0)), float(a[k])
+
+
+def _strokes(s: np.ndarray, period: float) -> list[dict]:
+    """Systolic downstrokes of the smoothed volume-like signal ``s``: steepest descents about a
+    period apart, each with the height of the top before it and the bottom after it."""
+    T = s.size
+    d = -np.gradient(s)
+    peaks = find_peaks(d, distance=max(2, int(0.5 * period)), prominence=0.25 * np.percentile(d, 95))[0]
+    reach = int(round(0.6 * period))
+    out = []
+    for i, p in enumerate(peaks):
+        lo = max(0, p - reach, peaks[i - 1] + 1 if i else 0)
+        hi = min(T - 1, p + reach, peaks[i + 1] - 1 if i + 1 < len(peaks) else T - 1)
+        out.append({"p": int(p), "amp": float(s[lo: p + 1].max() - s[p: hi + 1].min())})
+    if not out:
+        return out
+    usual = float(np.median([b["amp"] for b in out]))
+    out = [b for b in out if b["amp"] >= 0.35 * usual]  # ripples, not strokes
+    while len(out) > 1:  # two strokes in one period: the weaker is not a beat
+        close = [i for i in range(len(out) - 1) if out[i + 1]["p"] - out[i]["p"] < 0.6 * period]
+        if not close:
+            break
+        i = close[0]
+        out.pop(i if out[i]["amp"] < out[i + 1]["amp"] else i + 1)
+    return out
+
+
+def _top_before(s: np.ndarray, lo: int, p: int, tol: float) -> int:
+    """ED: between the highest frame and the last frame near the top before the stroke at ``p``
+    (the top of a slowly rising diastasis is flat within noise)."""
+    w = s[lo: p + 1]
+    near = np.flatnonzero(w >= w.max() - tol)
+    return lo + int(round(0.4 * int(np.argmax(w)) + 0.6 * near[-1]))
+
+
+def _bottom_after(s: np.ndarray, p: int, hi: int, tol: float) -> int:
+    """ES: between the first frame near the bottom after the stroke and the lowest frame."""
+    w = s[p: hi + 1]
+    near = np.flatnonzero(w <= w.min() + tol)
+    return p + int(round(0.5 * (near[0] + int(np.argmin(w)))))
+
+
+def beats_from_signal(v: np.ndarray, fps: float, period: Optional[float] = None) -> ImageBeats:
+    """ED/ES of every beat from a volume-like signal (largest at ED): one systolic downstroke per
+    beat; see the module docstring. Confidence = the beat's stroke relative to the usual one,
+    times how well the signal repeats."""
+    v = np.asarray(v, dtype=np.float64)
+    T = v.size
+    quality = 1.0
+    s = ndimage.gaussian_filter1d(v, max(1.0, 0.02 * fps))
+    swing = float(np.percentile(s, 95) - np.percentile(s, 5))
+    if swing < MIN_SNR * max(noise_level(v), 1e-6):
+        return ImageBeats(signal=v, quality=0.0, reason="the image signal is noise-like (its swing is within a "
+                                                        "few times its frame-to-frame noise): no heartbeat")
+    if period is None:
+        period, quality = signal_period(v, fps)
+    if period is None:
+        return ImageBeats(signal=v, quality=quality,
+                          reason="no repeating heartbeat in the images (clip shorter than ~1.3 beats, "
+                                 "no motion, or not a cardiac cine)")
+    strokes = _strokes(s, period)
+    found = ImageBeats(period_frames=float(period), quality=float(quality), signal=v)
+    if not strokes:
+        found.reason = "no systolic downstroke found in the images"
+        return found
+    usual = float(np.median([b["amp"] for b in strokes]))
+    reach = int(round(0.6 * period))
+    for i, b in enumerate(strokes):
+        p, amp = b["p"], b["amp"]
+        conf = float(np.clip(amp / usual, 0.0, 1.0) * np.clip(quality / 0.6, 0.0, 1.0))
+        lo = max(0, p - reach, found.es[-1] + 1 if found.es else 0)
+        w = s[lo: p + 1]
+        cut = lo == 0 and p - reach < 0  # the clip may start after this beat's ED
+        if not (cut and (int(np.argmax(w)) < 1 or amp < 0.7 * usual)):
+            found.ed.append(_top_before(s, lo, p, 0.1 * amp))
+            found.ed_confidence.append(round(conf, 3))
+        hi = min(T - 1, p + reach, strokes[i + 1]["p"] if i + 1 < len(strokes) else T - 1)
+        g = _bottom_after(s, p, hi, 0.1 * amp)
+        refill = float(s[g:].max() - s[g]) if g < T - 1 else 0.0
+        if g < T - 2 and (refill >= 0.3 * amp or i + 1 < len(strokes)):  # the clip shows the bottom
+            found.es.append(g)
+            found.es_confidence.append(round(conf, 3))
+    _trailing_ed(s, found, usual, quality)
+    return found
+
+
+def _trailing_ed(s: np.ndarray, found: ImageBeats, usual: float, quality: float) -> None:
+    """An ED after the last ES whose downstroke the clip cuts: kept when the signal climbs back
+    to the usual ED level and has started to fall (the top is inside the clip)."""
+    T = s.size
+    if not found.es or not found.ed or found.ed[-1] > found.es[-1]:
+        return
+    start = found.es[-1] + 1
+    if T - start < 3:
+        return
+    m = start + int(np.argmax(s[start:]))
+    level = float(np.median(s[found.ed]))
+    if m < T - 1 and s[m] >= level - 0.15 * usual and s[m] - s[-1] >= 0.05 * usual \
+            and (m - found.ed[-1]) >= 0.8 * (found.period_frames or 0):
+        found.ed.append(m)
+        found.ed_confidence.append(round(0.5 * float(np.clip(quality / 0.6, 0.0, 1.0)), 3))
+
+
+def detect_image_beats(cine: Cine) -> ImageBeats:
+    """ED/ES of every beat of ``cine`` from its images (no ECG, no masks)."""
+    if cine.num_frames < 4:
+        return ImageBeats(reason=f"a cine of {cine.num_frames} frame(s) shows no heartbeat")
+    v = blood_pool_signal(cine)
+    if np.ptp(v) < 1e-6:
+        return ImageBeats(signal=v, reason="the images do not change: no motion to find beats in")
+    return beats_from_signal(v, cine.fps)
