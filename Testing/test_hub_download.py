@@ -229,3 +229,37 @@ def test_finetune_config_starts_from_the_imported_encoder(fake_hub, tmp_path):
 def test_unknown_reference_is_named(fake_hub):
     with pytest.raises(CheckpointError, match="models download"):
         registry.resolve_ref("models:echofm-vitl")
+
+
+def test_task_imports_keep_the_encoder_entry(fake_hub, tmp_path):
+    from EchoFMEngine.models.heads import EchoFMClassifier
+    from EchoFMEngine.models.task_checkpoint import save_task_model
+
+    hub.download("echofm-vitl", accept_license=True)
+    enc = load_pretrained(ModelStore().get_encoder("echofm-vitl"))
+    desc = {"task": "view", "labels": ["A2C", "A4C"], "trained_on": "phantom", "preprocessing": {},
+            "input": {"frames": 8, "height": 32, "width": 32, "channels": 3, "value_range": [0, 1],
+                      "layout": "[B, C, T, H, W]"}}
+    folder = save_task_model(EchoFMClassifier(enc, 2), tmp_path / "view", desc)
+    store = ModelStore()
+    store.import_file(folder, "view")
+    assert store.get("view") is not None and "echofm-vitl" in store.encoders()
+    assert Path(registry.resolve_ref("models:view")) == store.get("view")
+
+
+def test_slicer_download_runs_in_the_background_with_progress(fake_hub, tmp_path):
+    import subprocess
+
+    from EchoFMSlicer.EchoFMSlicerLib.logic import EchoFMLogic
+    from EchoFMSlicer.EchoFMSlicerLib.runner import parse_progress
+
+    assert "CC-BY-NC-ND-4.0" in EchoFMLogic.released_weights_notice()
+    with pytest.raises(ValueError, match="not accepted"):
+        EchoFMLogic.download_weights_command(tmp_path / "m", accepted=False)
+    cmd = EchoFMLogic.download_weights_command(tmp_path / "m", accepted=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    events = [e for e in map(parse_progress, proc.stdout.splitlines()) if e is not None]
+    assert events and events[-1].fraction == pytest.approx(1.0, abs=0.05)
+    assert "hf://sekeun/EchoFM" in EchoFMLogic.encoder_status(tmp_path / "m")

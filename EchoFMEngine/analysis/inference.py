@@ -4,14 +4,20 @@ Every model sees frames prepared the way it was trained (scan sector blanked, cr
 into ``size x size`` by :func:`EchoFMEngine.geometry.prepare_frames`), in windows that span about
 one cardiac cycle (:func:`EchoFMEngine.cycles.clip_windows`). Segmentations come back in the
 original pixel geometry through the inverse sector transform.
+
+Speed (CPU): all of a clip's windows go through one batched forward under ``inference_mode``;
+clip-level heads whose encoders hold identical weights (heads fine-tuned on one frozen encoder)
+are grouped by :func:`encoder_groups` and served by one encoder pass per window
+(:func:`shared_clip_outputs`); :func:`quantize_int8` optionally quantises the linear layers.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from ..cine import Cine
 from ..cycles import clip_windows
@@ -50,19 +56,124 @@ def cycle_windows(cine: Cine, n_frames: int, cycles: Optional[list]) -> list:
     return clip_windows(cine, n_frames, cycles=cycles or [])
 
 
-@torch.no_grad()
-def clip_outputs(model, cine: Cine, prepared: Prepared, cycles: Optional[list], device,
-                 batch_size: int = 4) -> np.ndarray:
-    """Per-window outputs of a classifier (probabilities ``[W, C]``) or regressor (``[W]``)."""
-    n, _ = input_size(model)
+POOLED_KINDS = ("classifier", "regressor")     # heads that read only the mean encoder token
+
+
+def _encoder_tensors(model) -> dict:
+    from ..models.heads import ENCODER_UNUSED
+
+    return {k: v for k, v in model.encoder.state_dict().items() if not k.startswith(ENCODER_UNUSED)}
+
+
+def same_encoder(a, b) -> bool:
+    """True when two task models run the same encoder weights (the same module, or equal tensors)."""
+    if a.encoder is b.encoder:
+        return True
+    if a.cfg.to_dict() != b.cfg.to_dict():
+        return False
+    ta, tb = _encoder_tensors(a), _encoder_tensors(b)
+    if ta.keys() != tb.keys():
+        return False
+    first = "patch_embed.proj.weight"           # cheap rejection before comparing everything
+    if first in ta and not torch.equal(ta[first], tb[first]):
+        return False
+    return all(torch.equal(v, tb[k]) for k, v in ta.items())
+
+
+def encoder_groups(models: Mapping[str, nn.Module]) -> list[list[str]]:
+    """Tasks grouped so that each group's clip-level heads share one encoder pass per window.
+
+    A group holds classifier/regressor models with identical encoder weights and the same input
+    (frames, size); every other model (segmenters, or a head with its own fine-tuned encoder) is
+    a group of its own. Sharing is exact: the encoder output is the same tensor either way."""
+    groups: list[list[str]] = []
+    for task, model in models.items():
+        kind = model.head_config()["kind"] if hasattr(model, "head_config") else None
+        for g in groups:
+            lead = models[g[0]]
+            if (kind in POOLED_KINDS and lead.head_config()["kind"] in POOLED_KINDS
+                    and input_size(lead) == input_size(model) and same_encoder(lead, model)):
+                g.append(task)
+                break
+        else:
+            groups.append([task])
+    return groups
+
+
+def share_encoders(models: Mapping[str, nn.Module]) -> list[list[str]]:
+    """Point every model of an :func:`encoder_groups` group at one encoder module (memory once);
+    returns the groups."""
+    groups = encoder_groups(models)
+    for g in groups:
+        for task in g[1:]:
+            models[task].encoder = models[g[0]].encoder
+    return groups
+
+
+def _from_pooled(model, pooled: torch.Tensor) -> torch.Tensor:
+    """What ``predict_proba`` (classifier) or ``predict`` (regressor) returns, from pooled tokens."""
+    y = model.head(pooled)
+    if model.head_config()["kind"] == "classifier":
+        return y.float().softmax(-1)
+    return y[:, 0].float() * model.target_std + model.target_mean
+
+
+@torch.inference_mode()
+def shared_clip_outputs(models: Sequence[nn.Module], cine: Cine, prepared: Prepared, cycles: Optional[list],
+                        device, batch_size: int = 8) -> list[np.ndarray]:
+    """Per-window outputs of several clip-level heads on one encoder (one pass per window batch).
+
+    ``models`` must share encoder weights and input (see :func:`encoder_groups`); one model alone
+    may be any classifier or regressor. Classifiers give probabilities ``[W, C]``, regressors ``[W]``."""
+    lead = models[0]
+    n, _ = input_size(lead)
     windows = cycle_windows(cine, n, cycles)
-    outs = []
+    outs: list[list] = [[] for _ in models]
     for i in range(0, len(windows), batch_size):
         clips = np.stack([w.take(prepared.frames) for w in windows[i:i + batch_size]])
         video = to_video(clips, device)
-        y = model.predict_proba(video) if hasattr(model, "predict_proba") else model.predict(video)
-        outs.append(y.float().cpu().numpy())
-    return np.concatenate(outs)
+        if len(models) == 1:
+            m = lead
+            ys = [m.predict_proba(video) if hasattr(m, "predict_proba") else m.predict(video)]
+        else:
+            pooled = lead.pooled(video)
+            ys = [_from_pooled(m, pooled) for m in models]
+        for o, y in zip(outs, ys):
+            o.append(y.float().cpu().numpy())
+    return [np.concatenate(o) for o in outs]
+
+
+def clip_outputs(model, cine: Cine, prepared: Prepared, cycles: Optional[list], device,
+                 batch_size: int = 8) -> np.ndarray:
+    """Per-window outputs of a classifier (probabilities ``[W, C]``) or regressor (``[W]``)."""
+    return shared_clip_outputs([model], cine, prepared, cycles, device, batch_size)[0]
+
+
+def quantize_int8(models: Mapping[str, nn.Module]) -> dict:
+    """CPU copies of ``models`` with dynamic int8 linear layers (``torch.ao.quantization``);
+    models sharing one encoder module still share its quantised copy. Outputs move by a stated
+    tolerance (docs/analysis.md), so this is an option, never the default."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import quantize_dynamic
+
+    done: dict = {}
+    out = {}
+    for task, model in models.items():
+        enc = model.encoder
+        if id(enc) not in done:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                done[id(enc)] = quantize_dynamic(copy.deepcopy(enc).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
+        shell = copy.copy(model)                 # shallow: new module object, same children...
+        shell._modules = dict(model._modules)    # ...except the encoder, swapped for the int8 one
+        shell._modules["encoder"] = done[id(enc)]
+        for attr in ("description",):
+            if hasattr(model, attr):
+                setattr(shell, attr, getattr(model, attr))
+        out[task] = shell.eval()
+    return out
 
 
 def covering_windows(targets: Sequence[int], T: int, n: int, step: float) -> list[np.ndarray]:
@@ -84,9 +195,9 @@ def covering_windows(targets: Sequence[int], T: int, n: int, step: float) -> lis
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def segment_frames(model, cine: Cine, prepared: Prepared, frames: Sequence[int], period_frames: Optional[float],
-                   device, batch_size: int = 2) -> np.ndarray:
+                   device, batch_size: int = 4) -> np.ndarray:
     """Label maps ``[T, H, W]`` uint8 in the original geometry, filled at ``frames`` (0 elsewhere).
 
     Windows are spread so that the model's ``n`` frames span about 1.25 cardiac cycles, as in

@@ -104,6 +104,9 @@ def load_models(models=None, device: str = "auto", tasks=("view", "segment", "as
                 loaded[task] = load_task_model(path, task=task, map_location="cpu").to(dev).eval()
         except Exception as e:  # noqa: BLE001
             loaded.reasons[task] = f"the '{task}' model could not be loaded: {e}"
+    from .inference import share_encoders
+
+    share_encoders(loaded)          # heads on one frozen encoder keep one copy of it in memory
     return loaded
 
 
@@ -169,28 +172,35 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     period = float(np.median(np.diff(phase.ed_frames))) if len(phase.ed_frames) > 1 else None
 
     # View and disease scores: classifiers over one window per cycle, probabilities averaged.
+    # Heads on identical encoder weights share one encoder pass per window (inference.encoder_groups).
     t = time.perf_counter()
-    view_model = _load(store, "view", dev, res.needs)
-    if view_model is not None:
-        _, size = inference.input_size(view_model)
-        p = inference.clip_outputs(view_model, cine, inference.prepare(cine, size, cache), cycles, dev).mean(0)
-        labels = view_model.description["labels"]
+    clip_models = {}
+    for task in ("view", "as", "ef"):
+        model = _load(store, task, dev, res.needs)
+        if model is not None:
+            clip_models[task] = model
+    outputs = {}
+    for group in inference.encoder_groups(clip_models):
+        members = [clip_models[k] for k in group]
+        prepared = inference.prepare(cine, inference.input_size(members[0])[1], cache)
+        tg = time.perf_counter()
+        outputs.update(zip(group, inference.shared_clip_outputs(members, cine, prepared, cycles, dev)))
+        res.timing_s["model:" + "+".join(group)] = time.perf_counter() - tg
+    if "view" in outputs:
+        p = outputs["view"].mean(0)
+        labels = clip_models["view"].description["labels"]
         res.view = {"label": labels[int(np.argmax(p))], "probabilities": dict(zip(labels, map(float, p))),
                     "windows": len(cycles) or 1}
         if float(p.max()) < LOW_CONFIDENCE:
             res.flags.append(f"low_view_confidence: {float(p.max()):.2f}")
-    as_model = _load(store, "as", dev, res.needs)
-    if as_model is not None:
-        _, size = inference.input_size(as_model)
-        p = inference.clip_outputs(as_model, cine, inference.prepare(cine, size, cache), cycles, dev).mean(0)
-        labels = as_model.description["labels"]
+    if "as" in outputs:
+        p = outputs["as"].mean(0)
+        labels = clip_models["as"].description["labels"]
         res.scores["as"] = {"label": labels[int(np.argmax(p))], "probabilities": dict(zip(labels, map(float, p)))}
     res.needs["ar"] = ("AR severity is scored per study from several colour Doppler views (A3C, A5C, PSAX, "
                        "PLAX); a single cine cannot be scored")
-    ef_model = _load(store, "ef", dev, res.needs)
-    if ef_model is not None:
-        _, size = inference.input_size(ef_model)
-        y = inference.clip_outputs(ef_model, cine, inference.prepare(cine, size, cache), cycles, dev)
+    if "ef" in outputs:
+        y = outputs["ef"]
         res.scores["ef_regression"] = {"ef_percent": float(np.mean(y)), "per_window": [float(v) for v in y]}
     res.timing_s["classify"] = time.perf_counter() - t
 
@@ -206,7 +216,9 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
                 wanted = list(range(cine.num_frames))
             else:
                 wanted = sorted(f for f in set(phase.ed_frames) | set(phase.es_frames) if span[0] <= f <= span[1])
+            ts = time.perf_counter()
             labels_map = inference.segment_frames(seg_model, cine, prepared, wanted, period, dev)
+            res.timing_s["model:segment"] = time.perf_counter() - ts
             source = "model"
             if segment == "all" and cine.ecg is None:   # the LV area curve is a better ED/ES cue than pixels
                 phase = detect_ed_es(cine, masks=labels_map)

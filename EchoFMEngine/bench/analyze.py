@@ -5,14 +5,19 @@ Cases (phantom studies with known truth, so the numbers are checked too):
 - ``dicom``: a 60-frame 800x600 RGB DICOM with an ECG waveform, read from disk.
 Models are built at the preset's size with random weights (timing only: the outputs are not
 meaningful) for the tasks the pipeline runs per cine: view, segment (ED/ES frames), AS, EF.
+By default the view, AS and EF heads sit on one frozen encoder (the paper's linear-probe setting:
+one encoder pass per window serves all three) and the segmenter has its own fine-tuned encoder;
+``--own-encoders`` gives every model its own encoder (the slowest deployment).
 Each case runs in its own process so that the peak memory (RSS on CPU, allocator peak on CUDA)
-is that case's alone.
+is that case's alone. Seconds per stage (read, phase, each model or shared-encoder group,
+measurements, figure) are printed; ``--repeat N`` times N calls and reports medians.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,23 +30,29 @@ import torch
 TASKS = ("view", "segment", "as", "ef")
 
 
-def timing_models(preset: str, tasks=TASKS, img_size: Optional[int] = None) -> dict:
-    """Random-weight task models of ``preset`` with the descriptions the pipeline reads."""
+def timing_models(preset: str, tasks=TASKS, img_size: Optional[int] = None, shared_encoder: bool = True) -> dict:
+    """Random-weight task models of ``preset`` with the descriptions the pipeline reads; with
+    ``shared_encoder`` the clip-level heads (view, AS, EF) sit on one frozen encoder."""
     from ..models import build_echofm
     from ..models.heads import EchoFMClassifier, EchoFMRegressor, EchoFMSegmenter
 
     models = {}
+    shared = None
     for task in tasks:
         enc = build_echofm(preset, **({"img_size": img_size} if img_size else {}))
+        if shared_encoder and task != "segment":
+            shared = shared or enc
+            enc = shared
         c = enc.cfg
+        frozen = shared_encoder and task != "segment"
         if task == "segment":
             m = EchoFMSegmenter(enc)
             labels = ["background", "lv_cavity", "lv_myocardium", "la"]
         elif task == "ef":
-            m, labels = EchoFMRegressor(enc), ["ef"]
+            m, labels = EchoFMRegressor(enc, freeze_encoder=frozen), ["ef"]
         else:
             labels = ["A2C", "A4C", "PLAX", "PSAX", "other"] if task == "view" else ["absent", "present"]
-            m = EchoFMClassifier(enc, n_classes=len(labels))
+            m = EchoFMClassifier(enc, n_classes=len(labels), freeze_encoder=frozen)
         m.description = {"task": task, "labels": labels,
                          "input": {"frames": c.num_frames, "height": c.img_size, "width": c.img_size}}
         models[task] = m.eval()
@@ -49,11 +60,16 @@ def timing_models(preset: str, tasks=TASKS, img_size: Optional[int] = None) -> d
 
 
 def run_case(case: str, preset: str, frames: int, device: str, tasks=TASKS, segment: str = "ed_es",
-             img_size: Optional[int] = None, max_cycles: Optional[int] = None) -> dict:
-    """One timed analysis (after one untimed warm-up call on the same cine)."""
+             img_size: Optional[int] = None, max_cycles: Optional[int] = None, shared_encoder: bool = True,
+             int8: bool = False, repeat: int = 1, threads: Optional[int] = None) -> dict:
+    """``repeat`` timed analyses (after one untimed warm-up call on the same cine), medians per stage."""
     from ..analysis import analyze
+    from ..analysis.inference import encoder_groups, quantize_int8
+    from ..analysis.summary import summary_figure
     from ..synthetic import make_study, write_dicom
 
+    if threads:
+        torch.set_num_threads(int(threads))
     torch.manual_seed(0)
     if case == "echonet":
         study = make_study("A4C", n_frames=frames, size=(112, 112), fps=50.0, heart_rate_bpm=72, seed=1)
@@ -62,21 +78,36 @@ def run_case(case: str, preset: str, frames: int, device: str, tasks=TASKS, segm
         study = make_study("A4C", n_frames=frames, size=(600, 800), fps=30.0, heart_rate_bpm=72, seed=1)
         tmp = tempfile.TemporaryDirectory()
         target = write_dicom(study, Path(tmp.name) / "study.dcm")
-    models = timing_models(preset, tasks, img_size)
+    models = timing_models(preset, tasks, img_size, shared_encoder)
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
+    if int8 and dev.type != "cpu":
+        raise SystemExit("--int8 (dynamic int8 linear layers) runs on the CPU only")
     for m in models.values():
         m.to(dev)
+    if int8:
+        models = quantize_int8(models)
+    groups = encoder_groups(models)
     kw = dict(models=models, device=str(dev), segment=segment, max_cycles=max_cycles)
     analyze(target, **kw)       # warm-up
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
         torch.cuda.synchronize(dev)
-    t0 = time.perf_counter()
-    res = analyze(target, **kw)
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-    seconds = time.perf_counter() - t0
+    runs, stages = [], {}
+    fig_dir = tempfile.TemporaryDirectory()
+    for _ in range(max(1, int(repeat))):
+        t0 = time.perf_counter()
+        res = analyze(target, **kw)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        tf = time.perf_counter()
+        summary_figure(study.cine, res, Path(fig_dir.name) / "summary.png")
+        figure = time.perf_counter() - tf
+        runs.append(time.perf_counter() - t0)
+        for k, v in {**res.timing_s, "figure": figure}.items():
+            stages.setdefault(k, []).append(v)
+    fig_dir.cleanup()
+    seconds = statistics.median(runs)
     peak = (torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     if tmp is not None:
@@ -84,23 +115,45 @@ def run_case(case: str, preset: str, frames: int, device: str, tasks=TASKS, segm
     return {"case": case, "preset": preset, "img_size": models[tasks[0]].cfg.img_size, "frames": frames,
             "device": dev.type, "segment": segment, "max_cycles": max_cycles,
             "windows_cycles": len(res.phase["analysed_cycles"]),
-            "seconds": round(seconds, 3), "peak_mb": round(peak, 1), "timing_s": res.timing_s,
+            "seconds": round(seconds, 3), "runs_s": [round(r, 3) for r in runs], "peak_mb": round(peak, 1),
+            "timing_s": {k: round(statistics.median(v), 3) for k, v in stages.items()},
+            "encoder_groups": groups, "int8": bool(int8),
             "ed_frames": res.phase["ed_frames"], "true_ed_frames": [int(f) for f in study.ed_frames],
             "threads": torch.get_num_threads()}
 
 
+def stage_table(timing: dict) -> str:
+    """Seconds per stage, one line each, in pipeline order (``model:a+b`` = one shared encoder)."""
+    order = ["read", "phase"] + [k for k in timing if k.startswith("model:")] + ["measure"]
+    lines = [f"    {k:<32s} {timing[k]:8.3f} s" for k in order if k in timing]
+    other = timing.get("total", 0.0) - sum(timing[k] for k in order if k in timing)
+    lines += [f"    {'other (frame preparation)':<32s} {other:8.3f} s",
+              f"    {'analysis total':<32s} {timing.get('total', float('nan')):8.3f} s",
+              f"    {'figure (summary PNG)':<32s} {timing.get('figure', float('nan')):8.3f} s"]
+    return "\n".join(lines)
+
+
 def cli(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m EchoFMEngine bench analyze", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example:\n  python -m EchoFMEngine bench analyze --case dicom --preset tiny")
     ap.add_argument("--case", choices=["echonet", "dicom"], action="append",
                     help="case(s) to run (default: both)")
     ap.add_argument("--preset", action="append", help="model preset(s) (default: vit_s and vit_l)")
     ap.add_argument("--frames", type=int, action="append", help="frame count(s) (default: 200 echonet, 60 dicom)")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--segment", default="ed_es", choices=["ed_es", "all"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="where the models run (default auto: CUDA when available)")
+    ap.add_argument("--segment", default="ed_es", choices=["ed_es", "all"],
+                    help="segment the ED and ES frames only (default) or every frame")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated tasks with models")
     ap.add_argument("--img-size", type=int, default=None, help="model input size (default: the preset's, 224)")
     ap.add_argument("--max-cycles", type=int, default=None, help="analyse the first N cycles only")
+    ap.add_argument("--own-encoders", action="store_true",
+                    help="every model has its own encoder (default: view, AS, EF heads share one frozen encoder)")
+    ap.add_argument("--int8", action="store_true",
+                    help="dynamic int8 quantisation of the encoders' linear layers (CPU; outputs move slightly)")
+    ap.add_argument("--repeat", type=int, default=1, help="timed calls per case (medians reported)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--inline", action="store_true", help="run in this process (one case, one preset)")
     a = ap.parse_args(list(argv))
     cases = a.case or ["echonet", "dicom"]
@@ -111,13 +164,16 @@ def cli(argv) -> int:
         for preset in presets:
             for frames in a.frames or [200 if case == "echonet" else 60]:
                 if a.inline:
-                    rows.append(run_case(case, preset, frames, a.device, tasks, a.segment, a.img_size, a.max_cycles))
+                    rows.append(run_case(case, preset, frames, a.device, tasks, a.segment, a.img_size, a.max_cycles,
+                                         not a.own_encoders, a.int8, a.repeat, a.threads))
                     continue
                 cmd = [sys.executable, "-m", "EchoFMEngine", "bench", "analyze", "--inline", "--case", case,
                        "--preset", preset, "--frames", str(frames), "--device", a.device,
                        "--segment", a.segment, "--tasks", a.tasks]
                 cmd += ["--img-size", str(a.img_size)] if a.img_size else []
                 cmd += ["--max-cycles", str(a.max_cycles)] if a.max_cycles else []
+                cmd += ["--own-encoders"] * a.own_encoders + ["--int8"] * a.int8 + ["--repeat", str(a.repeat)]
+                cmd += ["--threads", str(a.threads)] if a.threads else []
                 out = subprocess.run(cmd, capture_output=True, text=True)
                 if out.returncode != 0:
                     print(out.stderr[-2000:], file=sys.stderr)
@@ -125,8 +181,10 @@ def cli(argv) -> int:
                 rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 r = rows[-1]
                 print(f"{case:8s} {preset:6s}@{r['img_size']} {frames:4d} frames {r['device']:4s} "
-                      f"cycles {r['windows_cycles']}: {r['seconds']:7.2f} s, "
-                      f"peak {r['peak_mb']:8.0f} MB  {r['timing_s']}", file=sys.stderr, flush=True)
+                      f"cycles {r['windows_cycles']}{' int8' if r['int8'] else ''}: {r['seconds']:7.2f} s "
+                      f"(median of {len(r['runs_s'])}), peak {r['peak_mb']:8.0f} MB, {r['threads']} threads, "
+                      f"encoder groups {r['encoder_groups']}", file=sys.stderr, flush=True)
+                print(stage_table(r["timing_s"]), file=sys.stderr, flush=True)
     if a.inline:
         print(json.dumps(rows[0]))
     else:

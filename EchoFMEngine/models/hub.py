@@ -175,10 +175,28 @@ def download(name: str = "echofm-vitl", revision: Optional[str] = None, folder: 
     return entry
 
 
+def progress_printer(label: str, out=None):
+    """A progress callback printing ``PROGRESS k/n label`` lines (KiB, each new percent) that the
+    Slicer module's background runner reads."""
+    out = out or sys.stdout
+    last = [-1]
+
+    def report(done: int, total: Optional[int]) -> None:
+        if not total:
+            return
+        pct = int(100 * done / total)
+        if pct != last[0]:
+            last[0] = pct
+            print(f"PROGRESS {done >> 10}/{max(1, total >> 10)} {label} (KiB)", file=out, flush=True)
+
+    return report
+
+
 def cli_download(a) -> int:
     """The ``models download`` subcommand (arguments parsed by the registry CLI)."""
     try:
-        download(a.name, a.revision, a.folder, a.accept_license)
+        download(a.name, a.revision, a.folder, a.accept_license,
+                 progress=progress_printer(f"downloading {release(a.name)['filename']}"))
     except LicenceNotAccepted as e:
         print(f"refused: {e}", file=sys.stderr)
         return 2

@@ -135,6 +135,46 @@ class EchoFMLogic:
         return [*python_command(), "-m", "EchoFMEngine", "models", "--folder", str(models_folder),
                 "import", str(Path(weights_file)), "--task", task]
 
+    # ------------------------------------------------------------------ released weights
+    @staticmethod
+    def released_weights_notice(name: str = "echofm-vitl") -> str:
+        """Text for the confirmation dialog before downloading released weights (source + licence)."""
+        from EchoFMEngine.models.hub import licence_notice
+
+        return licence_notice(name)
+
+    @staticmethod
+    def download_weights_command(models_folder, accepted: bool, name: str = "echofm-vitl",
+                                 revision: Optional[str] = None) -> list:
+        """``python -m EchoFMEngine models --folder F download NAME --accept-license [--revision R]``.
+
+        Only after the user accepted the licence in the dialog (``accepted``); otherwise ValueError,
+        and nothing is downloaded. The process prints ``PROGRESS k/n`` lines (KiB)."""
+        if not accepted:
+            raise ValueError(f"the licence of {name} was not accepted: nothing is downloaded")
+        cmd = [*python_command(), "-m", "EchoFMEngine", "models", "--folder", str(models_folder),
+               "download", name, "--accept-license"]
+        return cmd + (["--revision", str(revision)] if revision else [])
+
+    def start_download(self, models_folder, accepted: bool, name: str = "echofm-vitl",
+                       revision: Optional[str] = None) -> BackgroundProcess:
+        """Download, check and import the released weights in a background process (poll it for
+        progress; cancel kills it and imports nothing)."""
+        return self.start_process(self.download_weights_command(models_folder, accepted, name, revision),
+                                  name=f"download {name}")
+
+    @staticmethod
+    def encoder_status(models_folder) -> str:
+        """Pretrained encoders in the models folder with source, revision and licence."""
+        try:
+            enc = json.loads((Path(models_folder) / "manifest.json").read_text()).get("encoders", {})
+        except (OSError, ValueError):
+            enc = {}
+        if not enc:
+            return "No released encoder weights downloaded."
+        return "; ".join(f"{n}: {e.get('source')} @ {str(e.get('revision'))[:12]} ({e.get('licence')})"
+                         for n, e in enc.items())
+
     @staticmethod
     def current_model(task: str, models_folder) -> Optional[Path]:
         """The weights file the models folder serves for ``task`` (from its manifest), or None."""
