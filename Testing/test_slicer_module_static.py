@@ -282,7 +282,7 @@ def test_module_cmakelists_lists_every_file_and_only_existing_ones():
 
 def test_extension_cmakelists_follows_the_template():
     text = (REPO / "CMakeLists.txt").read_text()
-    for line in ('project(EchoFM)', 'set(EXTENSION_CATEGORY "Cardiac")', 'set(EXTENSION_DEPENDS "NA")',
+    for line in ('project(SlicerEchoFM)', 'set(EXTENSION_CATEGORY "Cardiac")', 'set(EXTENSION_DEPENDS "PyTorch")',
                  "find_package(Slicer REQUIRED)", "include(${Slicer_USE_FILE})", "add_subdirectory(EchoFMSlicer)",
                  "include(${Slicer_EXTENSION_GENERATE_CONFIG})", "include(${Slicer_EXTENSION_CPACK})"):
         assert line in text, line
@@ -290,11 +290,42 @@ def test_extension_cmakelists_follows_the_template():
         assert f"set(EXTENSION_{var} " in text, var
     icon_url = re.search(r'EXTENSION_ICONURL "([^"]+)"', text).group(1)
     assert icon_url.endswith("/" + ICON.relative_to(REPO).as_posix())
-    # the engine, train.py, the configs and pyproject.toml are installed where Slicer's Python finds them
-    for installed in ("EchoFMEngine", "train.py", "pyproject.toml", "Resources/configs"):
-        assert f"${{CMAKE_CURRENT_SOURCE_DIR}}/{installed}" in text, installed
-        assert (REPO / installed).exists()
-    assert text.count("${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}") >= 3
+    # the engine, the configs and pyproject.toml go to the build tree and the install tree alike
+    # (ctkMacroCompilePythonScript with DESTINATION_DIR and INSTALL_DIR), train.py into a subfolder
+    assert "DESTINATION_DIR ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}" in text
+    assert "INSTALL_DIR ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}" in text
+    for source in ("EchoFMEngine/*.py", "Resources/configs/*.yaml", "pyproject.toml", "train.py"):
+        assert source in text, source
+
+
+def test_no_python_file_is_installed_directly_into_a_module_path():
+    """Slicer takes every ``*.py`` at the top of a module path as a module (qSlicerScriptedLoadableModuleFactory::
+    isValidFile); one that does not define its module class fails at every start. So: every script the
+    CMake files put there defines a class named after the file, everything else goes into a subfolder."""
+    top = REPO / "CMakeLists.txt"
+    text = top.read_text()
+    # install(FILES|PROGRAMS ... *.py ... DESTINATION <module path>) and configure_file(... <module path>/x.py)
+    for m in re.finditer(r"install\(\s*(?:FILES|PROGRAMS)(.*?)\)", text, re.S):
+        body = m.group(1)
+        dest = re.search(r"DESTINATION\s+(\S+)", body).group(1)
+        pys = re.findall(r"(\S+\.py)\b", body.split("DESTINATION")[0])
+        if pys:
+            assert dest != "${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}", f"{pys} installed into the module path"
+    for m in re.finditer(r"configure_file\((.*?)\)", text, re.S):
+        target = m.group(1).split()[1]
+        if target.endswith(".py"):
+            assert not re.fullmatch(r"\$\{CMAKE_BINARY_DIR\}/\$\{Slicer_QTSCRIPTEDMODULES_LIB_DIR\}/[^/]+\.py", target), target
+    # ctkMacroCompilePythonScript / slicerMacroBuildScriptedModule keep the source-relative path:
+    # a script without a folder lands at the top of the module path
+    engine_globs = re.findall(r"GLOB_RECURSE\s+_echofm_engine_scripts.*?\$\{CMAKE_CURRENT_SOURCE_DIR\}/(\S+)\)", text, re.S)
+    assert engine_globs and all("/" in g for g in engine_globs), engine_globs
+    module_text = (MODULE / "CMakeLists.txt").read_text()
+    scripts = [s.replace("${MODULE_NAME}", "EchoFMSlicer") for s in cmake_list(module_text, "MODULE_PYTHON_SCRIPTS")]
+    top_level = [s for s in scripts if "/" not in s]
+    assert top_level == ["EchoFMSlicer.py"]
+    for s in top_level:
+        classes = {n.name for n in ast.parse((MODULE / s).read_text()).body if isinstance(n, ast.ClassDef)}
+        assert Path(s).stem in classes, f"{s} lands in the module path without its module class"
 
 
 def test_icon_is_a_128_px_png():
