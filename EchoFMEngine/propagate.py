@@ -40,13 +40,14 @@ class PropagationOptions:
 
     refine: bool = True          # snap the LV cavity to the blood/tissue edge in every frame
     band_px: float = 3.0         # half-width of the refinement band at 112 px
-    prior_weight: float = 0.6    # share of the tracked shape in the refined outline (0: image only)
+    prior_weight: float = 0.5    # share of the tracked shape in the refined outline (0: image only)
     smooth_sigma_px: float = 1.0  # speckle filter (Gaussian after a 3x3 median) at 112 px
     flow_preset: int = 2         # cv2.DISOPTICAL_FLOW_PRESET_* (2: MEDIUM)
     flow_side: int = _FLOW_SIDE   # frames are resized to this longer side for the flow
     flow_stride: int = 4
     flow_iters: int = 16
     blood_margin: Optional[float] = 12.0  # grey levels above the key frame's local blood level still blood
+    reanchor: bool = True        # drift correction: frames like the key frame are registered to it directly
     grow_px: float = 0.0         # how far (112 px) the cavity may grow into dark pixels per frame
 
 
@@ -328,15 +329,37 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
         if cancel is not None and cancel():
             raise PropagationCancelled("mask propagation cancelled")
 
+    flat = images[:, sector].astype(np.float32)
+    flat -= flat.mean(axis=1, keepdims=True)
+    flat /= np.linalg.norm(flat, axis=1, keepdims=True) + 1e-6
+    ncc_cache: dict = {}
+
+    def anchor_weight(key: int, t: int) -> float:
+        """Drift correction: 0 for frames unlike the key frame, up to 1 for frames as alike as its
+        neighbours (the same phase of a later beat), from normalised cross-correlation."""
+        if key not in ncc_cache:
+            ncc = flat @ flat[key]
+            near = [ncc[i] for i in (key - 1, key + 1) if 0 <= i < T]
+            ncc_cache[key] = (ncc, float(np.median(ncc)), float(np.mean(near)))
+        ncc, mid, top = ncc_cache[key]
+        if abs(t - key) <= 2 or top <= mid:
+            return 0.0
+        return float(np.clip((ncc[t] - mid) / (top - mid), 0.0, 1.0) ** 2)
+
     def track(start: int, stop: int) -> dict[int, dict]:
         """Per-frame structure sdfs tracked from known frame ``start`` towards ``stop`` (exclusive)."""
         step = 1 if stop > start else -1
         cur = {k: _sdf(v) for k, v in _structures(known[start]).items()}
+        key_sdf = dict(cur)
         level = _blood_level(images[start], known[start] == LV_ENDO, 4.0 * scale) \
             if opt.blood_margin is not None else None
         out = {}
         for t in range(start + step, stop, step):
             cur = {k: flow.warp(v, t - step, t) for k, v in cur.items()}
+            w = anchor_weight(start, t) if opt.reanchor else 0.0
+            if w > 0.0:   # a frame that looks like the key frame: register it to the key frame directly
+                direct = {k: flow.warp(v, start, t) for k, v in key_sdf.items()}
+                cur = {k: w * direct[k] + (1.0 - w) * cur[k] for k in cur}
             if opt.refine and LV_ENDO in present:
                 cur["endo"] = _refine_cavity(cur["endo"], images[t], band, opt.prior_weight, sector,
                                               opt.grow_px * scale, level, opt.blood_margin or 0.0)
