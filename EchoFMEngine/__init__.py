@@ -17,6 +17,8 @@ _LAZY = {
     "load_official_checkpoint": ("EchoFMEngine.models", "load_official_checkpoint"),
     "analyze": ("EchoFMEngine.analysis", "analyze"),
     "propagate_masks": ("EchoFMEngine.propagate", "propagate_masks"),
+    "detect_ed_es": ("EchoFMEngine.phase", "detect_ed_es"),
+    "lv_volume_ml": ("EchoFMEngine.measure", "lv_volume_ml"),
 }
 
 

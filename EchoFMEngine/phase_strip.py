@@ -1,0 +1,115 @@
+"""The phase strip: a picture to check ED/ES at a glance, and `python -m EchoFMEngine phase`.
+
+Top: the signal the detector read over time (seconds and frames), each found ED (red) and ES
+(blue) marked, weak events dashed, flags in red above. Bottom: the frame at each ED and ES as a
+thumbnail, blanked outside the scan sector (no burned-in text or identifiers reach the picture).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from EchoFMEngine.cine import Cine  # noqa: E402
+from EchoFMEngine.geometry import blank_outside, find_sector  # noqa: E402
+from EchoFMEngine.image_beats import LOW_CONFIDENCE  # noqa: E402
+from EchoFMEngine.phase import Phase, detect_ed_es  # noqa: E402
+
+MAX_THUMBS = 8
+
+
+def _thumbnails(cine: Cine, frames: list) -> list:
+    sector = find_sector(cine.frames)
+    grey = cine.grey()
+    shown = grey[frames] if frames else grey[:0]
+    if sector is None:  # nothing known to be image content: show nothing rather than text
+        return [np.zeros_like(f) for f in shown]
+    return list(blank_outside(shown, sector))
+
+
+def phase_strip_figure(cine: Cine, phase: Phase, title: str = "cine") -> plt.Figure:
+    """Signal with ED/ES marks and the ED/ES frames as thumbnails (see the module docstring)."""
+    events = sorted([(f, "ED", c) for f, c in zip(phase.ed_frames, phase.ed_confidence or [1.0] * 99)] +
+                    [(f, "ES", c) for f, c in zip(phase.es_frames, phase.es_confidence or [1.0] * 99)])
+    shown = events[:MAX_THUMBS]
+    fig = plt.figure(figsize=(12, 5.6 if shown else 3.4))
+    grid = fig.add_gridspec(2 if shown else 1, max(1, len(shown)), height_ratios=[1.3, 1] if shown else [1])
+    ax = fig.add_subplot(grid[0, :])
+    t = np.arange(cine.num_frames) / cine.fps
+    if phase.signal is not None and np.isfinite(phase.signal).any():
+        ax.plot(t, phase.signal, color="0.2", lw=1.2, label=phase.signal_name or "signal")
+    for f, kind, conf in events:
+        ax.axvline(f / cine.fps, color="tab:red" if kind == "ED" else "tab:blue",
+                   ls="--" if conf < LOW_CONFIDENCE else "-", lw=1.4)
+    hr = f"{phase.heart_rate_bpm:.0f} bpm" if phase.heart_rate_bpm else "heart rate unknown"
+    ax.set_title(f"{title}: ED/ES from {phase.method}, {len(phase.ed_frames)} ED (red), "
+                 f"{len(phase.es_frames)} ES (blue), {hr}; dashed = low confidence", fontsize=10)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel(phase.signal_name.split(" (")[0] if phase.signal_name else "signal")
+    ax.set_xlim(0, max(t[-1], 1.0 / cine.fps))
+    top = ax.secondary_xaxis("top", functions=(lambda s: s * cine.fps, lambda f: f / cine.fps))
+    top.set_xlabel("frame", fontsize=8)
+    if phase.signal is not None:
+        ax.legend(loc="lower right", fontsize=8)
+    if phase.flags:
+        fig.text(0.01, 0.995, "\n".join(f"! {f['name']}: {f['reason']}" for f in phase.flags),
+                 color="red", va="top", fontsize=8)
+    for i, (img, (f, kind, conf)) in enumerate(zip(_thumbnails(cine, [e[0] for e in shown]), shown)):
+        a = fig.add_subplot(grid[1, i])
+        a.imshow(img, cmap="gray", vmin=0, vmax=1)
+        a.set_title(f"{kind} frame {f}" + (" (weak)" if conf < LOW_CONFIDENCE else ""), fontsize=8,
+                    color="tab:red" if kind == "ED" else "tab:blue")
+        a.axis("off")
+    fig.tight_layout(rect=(0, 0, 1, 0.93 if phase.flags else 1))
+    return fig
+
+
+def study_name(path: Path, counter: int) -> str:
+    """An output name that does not copy the file name (which may hold a patient's name)."""
+    return f"cine-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}-{counter:03d}"
+
+
+def cli(argv) -> int:
+    from EchoFMEngine.io import load_cine
+
+    ap = argparse.ArgumentParser(
+        prog="python -m EchoFMEngine phase",
+        description="ED/ES of every beat of each cine (ECG when usable, else images): one PNG phase strip "
+                    "and one JSON per cine; a file that cannot be read is reported and skipped.",
+        epilog="example: python -m EchoFMEngine phase ../shared/data/echonet/traced3/Videos/*.avi --out runs/phase")
+    ap.add_argument("paths", nargs="+", help="cine files (any format load_cine reads)")
+    ap.add_argument("--out", required=True, help="folder for <id>.png and <id>.json per cine")
+    ap.add_argument("--no-ecg", action="store_true", help="ignore any ECG and use the images")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for i, p in enumerate(map(Path, args.paths)):
+        sid = study_name(p, i)
+        try:
+            t0 = time.perf_counter()
+            cine = load_cine(p)
+            if args.no_ecg:
+                cine.ecg = None
+            phase = detect_ed_es(cine)
+            result = {"id": sid, **phase.to_dict(), "frames": cine.num_frames, "fps": cine.fps,
+                      "seconds": round(time.perf_counter() - t0, 3)}
+            fig = phase_strip_figure(cine, phase, title=sid)
+            fig.savefig(out / f"{sid}.png", dpi=90)
+            plt.close(fig)
+            (out / f"{sid}.json").write_text(json.dumps(result, indent=1))
+            print(f"{sid}: {len(phase.ed_frames)} ED, {len(phase.es_frames)} ES, {phase.method}"
+                  + (f", flags: {', '.join(f['name'] for f in phase.flags)}" if phase.flags else ""))
+        except Exception as exc:  # one bad file never stops the batch
+            failed += 1
+            print(f"{sid}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+    return 1 if failed else 0
