@@ -415,6 +415,29 @@ class EchoFMLogic:
                 seg.GetDisplayNode().SetVisibility(visible)
             self.set_ai_visible(seg, visible and show_ai)
 
+    # ------------------------------------------------------------------ propagation (issue 12)
+    def propagate(self, browser, segs, progress=None, cancel=None):
+        """Masks on every frame from the drawn/corrected segmentations ``segs`` (any frames): a
+        segmentation sequence with per-frame source corrected/propagated, the LV volume curve and
+        EDV/ESV/EF. The user's nodes are not touched; bad input or Cancel leaves the scene as it was.
+        Returns an EchoFMSlicerLib.propagation.PropagationResult (``undo_propagation`` removes it)."""
+        from . import propagation
+        nodes = self.cine_nodes(browser)
+        with self.scene_guard():
+            result = propagation.propagate_segmentations(self.scene, nodes, self.cine(browser), list(segs),
+                                                         logics=self.logics, progress=progress, cancel=cancel)
+        self.__dict__.setdefault("_propagations", {}).setdefault(browser.GetID(), []).append(result)
+        return result
+
+    def undo_propagation(self, browser) -> bool:
+        """Remove the last propagation of this cine (its sequence, table and plot); False if none."""
+        from . import propagation
+        stack = self.__dict__.get("_propagations", {}).get(browser.GetID()) if browser is not None else None
+        if not stack:
+            return False
+        propagation.undo_propagation(self.scene, stack.pop(), browser)
+        return True
+
     # ------------------------------------------------------------------ measure, export
     def measure(self, browser, ed_seg, es_seg, analysis_folder: str = ""):
         """EDV, ESV, EF, LA volume from the current (corrected) masks -> a table node, and the LV volume
