@@ -89,3 +89,29 @@ def test_ecg_kept_apart_from_images():
     ph = detect_ed_es(dataclasses.replace(st.cine, ecg=other.cine.ecg))
     assert ph.method == "image" and "disagrees" in ph.flags[0]["reason"]
     assert isinstance(st.cine.ecg, Ecg)
+
+
+def test_echonet_layout_clips_hold_both_traced_frames(shared_data):
+    """The EchoNet-Dynamic layout on real cines: every training clip shows the traced ED and ES
+    frames with their masks (the window no longer follows only the cycle detector)."""
+    from EchoFMEngine.data.datasets import build_dataset
+
+    folder = _echonet(shared_data, "traced3")
+    ds = build_dataset("echonet", folder, split="test", frames=16, size=64)
+    assert len(ds) == 3
+    for i in range(len(ds)):
+        item = ds[i]
+        shown = set(int(f) for f in item["meta"]["frames"])
+        assert int(item["mask_valid"].sum()) == 2, item["meta"]
+        assert {item["meta"]["ed_frame"], item["meta"]["es_frame"]} <= shown
+
+
+def test_labels_that_cannot_share_a_clip_are_refused():
+    from EchoFMEngine.data.clips import holding_labels
+
+    window = np.arange(0, 32)
+    assert list(holding_labels(window, {3, 20}, 200)) == list(window)
+    moved = holding_labels(window, {40, 60}, 200)
+    assert {40, 60} <= set(moved.tolist()) and len(moved) == 32 and np.all(np.diff(moved) >= 0)
+    with pytest.raises(ValueError, match="cannot hold|more than one"):
+        holding_labels(window, {0, 190}, 200, where="x.avi")

@@ -95,6 +95,31 @@ def choose_window(windows: list, labelled, mode: str = "best", generator: Option
     return ties[0]
 
 
+MAX_LABEL_STRETCH = 4.0  # labelled frames further apart than 4x the window's own span cannot share a clip
+
+
+def holding_labels(indices: np.ndarray, labelled, T: int, where: str = "") -> np.ndarray:
+    """Window indices (sorted source frames) moved or stretched so that every labelled frame lies
+    inside: a clip for training must show all the beat's labels (ED and ES), not only the ones the
+    cycle detector's window happened to cover. ValueError when the labels cannot fit one clip."""
+    lab = sorted(int(f) for f in labelled)
+    idx = np.asarray(indices, dtype=np.int64)
+    if not lab or (idx.min() <= lab[0] and lab[-1] <= idx.max()):
+        return idx
+    n = idx.size
+    step = max(1.0, float(idx[-1] - idx[0]) / max(n - 1, 1))
+    need = lab[-1] - lab[0]
+    if need > MAX_LABEL_STRETCH * step * max(n - 1, 1):
+        raise ValueError(f"{where}: labelled frames {lab[0]}..{lab[-1]} span {need + 1} frames, more than one "
+                         f"clip of {n} frames can hold (at most {MAX_LABEL_STRETCH:g}x its span)")
+    step = max(step, need / max(n - 1, 1))
+    span = step * (n - 1)
+    start = min(max(0.0, (lab[0] + lab[-1]) / 2 - span / 2), max(0.0, T - 1 - span))
+    start = min(start, lab[0])
+    out = np.clip(np.round(start + step * np.arange(n)), 0, T - 1).astype(np.int64)
+    return snap_labelled(out, set(lab))
+
+
 def cine_clip(cine: Cine, frames: int, size: int, masks: Optional[dict] = None, window: str = "best",
               where: str = "", generator: Optional[torch.Generator] = None) -> Clip:
     """One clip of ``frames`` x ``size`` from a cine; ``masks`` {source frame: [H, W] labels}."""
@@ -111,7 +136,7 @@ def cine_clip(cine: Cine, frames: int, size: int, masks: Optional[dict] = None, 
         full = False
     if len(indices) != frames:
         raise ValueError(f"{where}: clip window of {len(indices)} frames, expected {frames}")
-    indices = snap_labelled(indices, set(masks))
+    indices = snap_labelled(holding_labels(indices, set(masks), cine.num_frames, where), set(masks))
     sector = find_sector(cine.frames)
     video, tf = prepare_frames(cine.frames[indices], size, sector=sector)
     m, valid = _labelled_masks(tf, masks, indices, size)
