@@ -96,3 +96,31 @@ def test_bad_input_leaves_the_scene_unchanged(logic, study_file):
     with pytest.raises(PropagationCancelled):
         logic.propagate(nodes.browser, [ed_seg], cancel=lambda: True)
     assert node_count(logic.scene) == count
+
+
+def test_propagated_export_marks_each_frame_and_can_leave_propagated_out(logic, study_file, tmp_path):
+    import csv
+
+    from EchoFMEngine.data import build_dataset
+    from EchoFMSlicer.EchoFMSlicerLib import export
+
+    study, path = study_file
+    nodes = logic.load_cine(path)
+    ed, es = int(study.ed_frames[0]), int(study.es_frames[0])
+    ed_seg, _ = logic.ed_es_segmentations(nodes.browser, study.masks, ed, es)
+    res = logic.propagate(nodes.browser, [ed_seg])
+    cine = logic.cine(nodes.browser)
+    out = tmp_path / "train"
+    csv_path = export.export_propagated_study(out, cine, res.labels, res.frame_sources, view="A4C", ed_frame=ed)
+    row = next(csv.DictReader(open(csv_path)))
+    sources = row["mask_sources"].split(";")
+    assert len(sources) == cine.num_frames and sources[ed] == "corrected" and sources.count("propagated") == 23
+    ds = build_dataset("csv", out, split="train", frames=8, size=32)
+    item = ds[0]
+    assert item["masks"].shape[-2:] == (32, 32) and bool(np.asarray(item["mask_valid"]).all())
+    only = tmp_path / "corrected_only"
+    csv2 = export.export_propagated_study(only, cine, res.labels, res.frame_sources, propagated="exclude")
+    row2 = next(csv.DictReader(open(csv2)))
+    assert row2["mask_frames"] == str(ed) and row2["mask_sources"] == "corrected"
+    with pytest.raises(ValueError, match="frame sources"):
+        export.export_propagated_study(tmp_path / "bad", cine, res.labels, res.frame_sources[:3])

@@ -28,7 +28,8 @@ from .segmentation_nodes import MAX_LABEL, SOURCES
 
 DATASET_CSV = "dataset.csv"
 COLUMNS = ["path", "split", "view", "mask_path", "mask_frames", "ed_source", "es_source", "study_id",
-           "ed_frame", "es_frame"]
+           "ed_frame", "es_frame", "mask_sources"]
+FRAME_SOURCES = ("corrected", "propagated", "model")   # per-frame source of a propagated export
 REPORT_FORMAT = "echofm-slicer-report-v1"
 
 
@@ -139,6 +140,59 @@ def export_training_folder(folder, cine: Cine, ed_labels, es_labels, ed_frame: i
         masks = measurements.get("masks") or {}
         masks = {p: {**masks.get(p, {}), "frame": f, "source": src[p]} for p, f in (("ED", ed_frame), ("ES", es_frame))}
         write_report(study, measurements, study_id=sid, cine=cine, view=view, masks=masks)
+    return csv_path
+
+
+def export_propagated_study(folder, cine: Cine, labels, frame_sources, view: Optional[str] = None, *,
+                            propagated: str = "include", ed_frame: Optional[int] = None,
+                            es_frame: Optional[int] = None, study_id: Optional[str] = None,
+                            split: str = "train") -> Path:
+    """Add (or replace) one study with masks on many frames (``labels`` [T, H, W]) and a per-frame
+    source (``corrected`` / ``propagated`` / ``model``, "AI" counts as model) in the column
+    ``mask_sources``; ``propagated="exclude"`` keeps only the corrected and model frames, so that
+    fine-tuning learns from people's outlines alone. Returns the path of ``dataset.csv``."""
+    if not isinstance(cine, Cine):
+        raise ValueError(f"export needs an EchoFMEngine Cine, got {type(cine).__name__}")
+    T, H, W = cine.shape
+    lab = np.asarray(labels)
+    if lab.shape != (T, H, W):
+        raise ValueError(f"label maps of shape {lab.shape} do not match the cine {(T, H, W)} [T, H, W]")
+    src = ["model" if s == "AI" else s for s in frame_sources]
+    if len(src) != T:
+        raise ValueError(f"{len(src)} frame sources for a cine of {T} frames")
+    bad = sorted({s for s in src if s not in FRAME_SOURCES + ("",)})
+    if bad:
+        raise ValueError(f"unknown frame source(s) {bad}; expected one of {FRAME_SOURCES}")
+    if propagated not in ("include", "exclude"):
+        raise ValueError(f"propagated must be 'include' or 'exclude', got {propagated!r}")
+    keep = [f for f in range(T) if src[f] and (propagated == "include" or src[f] != "propagated")]
+    if not keep:
+        raise ValueError("no frame left to export (every masked frame is propagated and propagated='exclude')")
+    stack = np.stack([_labels(lab[f], (H, W), f"frame {f}") for f in keep])
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    sid = study_id or study_key(cine)
+    if not sid.replace("_", "").replace("-", "").isalnum():
+        raise ValueError(f"study_id {sid!r}: use letters, digits, '_' and '-' only")
+    study = Path(folder) / "studies" / sid
+    study.mkdir(parents=True, exist_ok=True)
+    _write_cine(study / "cine.npz", cine)
+    _write_masks(study / "masks.nrrd", stack, cine.spacing_mm)
+    row = {"path": f"studies/{sid}/cine.npz", "split": split, "view": view or "",
+           "mask_path": f"studies/{sid}/masks.nrrd", "mask_frames": ";".join(map(str, keep)),
+           "ed_source": src[ed_frame] if ed_frame is not None else "",
+           "es_source": src[es_frame] if es_frame is not None else "", "study_id": sid,
+           "ed_frame": "" if ed_frame is None else int(ed_frame), "es_frame": "" if es_frame is None else int(es_frame),
+           "mask_sources": ";".join(src[f] for f in keep)}
+    csv_path = Path(folder) / DATASET_CSV
+    rows = [r for r in _read_rows(csv_path) if r.get("path") != row["path"]] + [row]
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    _write_atomic(csv_path, write)
     return csv_path
 
 
