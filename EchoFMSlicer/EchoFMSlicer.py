@@ -57,7 +57,7 @@ NIfTI), identify the view, find end-diastole and end-systole, segment the LV and
 masks with the Segment Editor, measure EDV/ESV/EF and LA volume, score aortic stenosis, export
 the corrected masks as training data and fine-tune on them. Results that need fine-tuned weights
 say which weights are missing; nothing is guessed. Not for clinical use.
-See <a href="https://github.com/echofm-slicer/EchoFM/blob/main/docs/slicer.md">docs/slicer.md</a>.
+See <a href="https://github.com/echofm-slicer/SlicerEchoFM/blob/main/docs/slicer.md">docs/slicer.md</a>.
 """
         self.parent.acknowledgementText = """
 EchoFM is the work of Kim et al. (EchoFM: Foundation Model for Generalizable Echocardiogram
@@ -158,13 +158,25 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._job[0].cancel()
         if self._timer is not None:
             self._timer.stop()
+        self.ui.segmentEditorWidget.removeViewObservations()
         self.removeObservers()
 
+    # The embedded Segment Editor is wired as Slicer's own Segment Editor module wires it
+    # (Modules/Scripted/SegmentEditor/SegmentEditor.py: enter/exit/onSceneStartClose/onSceneEndClose):
+    # keyboard shortcuts (undo/redo, effect keys, Esc) and view observations only while the module
+    # is shown, and no segmentation left on the editor when the scene closes.
     def enter(self) -> None:
         self.initializeParameterNode()
+        editor = self.ui.segmentEditorWidget
+        editor.installKeyboardShortcuts()
+        editor.setupViewObservations()
+        editor.updateWidgetFromMRML()
 
     def exit(self) -> None:
-        self.ui.segmentEditorWidget.setActiveEffect(None)
+        editor = self.ui.segmentEditorWidget
+        editor.setActiveEffect(None)
+        editor.uninstallKeyboardShortcuts()
+        editor.removeViewObservations()
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
@@ -174,10 +186,14 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._job is not None:
             self._job[0].cancel()
         self.setParameterNode(None)
+        self.ui.segmentEditorWidget.setSegmentationNode(None)
+        self.ui.segmentEditorWidget.removeViewObservations()
 
     def onSceneEndClose(self, caller, event) -> None:
         if self.parent.isEntered:
             self.initializeParameterNode()
+            self.ui.segmentEditorWidget.setupViewObservations()
+            self.ui.segmentEditorWidget.updateWidgetFromMRML()
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
@@ -198,6 +214,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = inputParameterNode
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self._updateFrameRange()          # connectGui resets the spin boxes to WithinRange's bounds
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self.updateGUIFromParameterNode)
             self.updateGUIFromParameterNode()
 
@@ -223,14 +240,19 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.finetuneButton.enabled = not busy
         self.ui.importWeightsButton.enabled = not busy and str(p.importWeightsFile) not in ("", ".")
         self.ui.cancelButton.enabled = busy
-        if hasCine:
-            n = self.logic.frame_count(p.inputBrowser)
-            self.ui.edFrameSpinBox.maximum = max(n - 1, 0)
-            self.ui.esFrameSpinBox.maximum = max(n - 1, 0)
+        self._updateFrameRange()
         if p.inputBrowser is not self._observedBrowser:
             self._observeBrowser(p.inputBrowser)
             self.ui.inputInfoLabel.text = (self.logic.describe_cine(p.inputBrowser) if hasCine
                                            else "No cine loop selected.")
+
+    def _updateFrameRange(self) -> None:
+        """ED/ES spin boxes span the selected cine's frames (0 when there is none)."""
+        p = self._parameterNode
+        n = self.logic.frame_count(p.inputBrowser) if p is not None and p.inputBrowser is not None else 0
+        for box in (self.ui.edFrameSpinBox, self.ui.esFrameSpinBox):
+            box.minimum = 0
+            box.maximum = max(n - 1, 0)
 
     def _observeBrowser(self, browser) -> None:
         """Keep the ECG frame marker on the current frame."""
@@ -247,10 +269,15 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             logging.debug(f"EchoFM: frame marker not updated: {e}")
 
     def updateDependenciesStatus(self) -> None:
-        missing = self.logic.missing_packages()
-        self.ui.dependenciesLabel.text = ("Python packages: all present." if not missing else
-                                          "Missing Python packages: " + ", ".join(missing))
-        self.ui.installDependenciesButton.enabled = bool(missing)
+        try:
+            missing = self.logic.missing_packages()
+        except (OSError, ValueError) as e:          # no pyproject.toml / installed metadata: say so
+            self.ui.dependenciesLabel.text = f"Cannot check the Python packages: {e}"
+            self.ui.installDependenciesButton.enabled = False
+        else:
+            self.ui.dependenciesLabel.text = ("Python packages: all present." if not missing else
+                                              "Missing Python packages: " + ", ".join(missing))
+            self.ui.installDependenciesButton.enabled = bool(missing)
         self.onModelsFolderChanged()
 
     def onModelsFolderChanged(self, _path=None) -> None:
@@ -259,34 +286,29 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _requirePackages(self) -> bool:
         """True when the engine's packages are present; otherwise offers to install them."""
-        if not self.logic.missing_packages():
-            return True
+        with slicer.util.tryWithErrorDisplay("Cannot check EchoFM's Python packages."):
+            if not self.logic.missing_packages():
+                return True
         self.onInstallDependencies()
         return not self.logic.missing_packages()
 
     def _installPackages(self, plan) -> bool:
-        """Install ``plan`` after the user agreed: torch through PyTorchUtils when present, the rest with
-        ``slicer.packaging.pip_ensure`` (Slicer >= 5.12, which asks itself) or ``slicer.util.pip_install``."""
-        asked = False
+        """Ask once (the whole plan), then install: torch through the PyTorch extension's PyTorchUtils
+        when present (it picks the CPU or CUDA build, as in SlicerTotalSegmentator), the rest with
+        Slicer's ``pip_ensure`` (slicer.pydeps / slicer.packaging, imported explicitly; without its
+        own prompt) or ``slicer.util.pip_install``. Declining installs nothing and is no error."""
+        if plan.empty or not slicer.util.confirmOkCancelDisplay(plan.describe()):
+            return False
         if plan.torch and plan.use_pytorch_utils:
-            if not slicer.util.confirmOkCancelDisplay(plan.describe()):
-                return False
-            asked = True
             import PyTorchUtils
-            torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-                askConfirmation=False, torchVersionRequirement=plan.torch_version_requirement)
-            if torch is None:
-                raise RuntimeError("PyTorch was not installed; install it from the PyTorch module")
+            torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+            if not torchLogic.torchInstalled():
+                torch = torchLogic.installTorch(askConfirmation=False,
+                                                torchVersionRequirement=plan.torch_version_requirement)
+                if torch is None:
+                    raise RuntimeError("PyTorch was not installed; install it from the PyTorch module")
         pipReqs = plan.pip + ([] if plan.use_pytorch_utils else plan.torch)
-        if not pipReqs:
-            return True
-        packaging = getattr(slicer, "packaging", None)
-        if packaging is not None and hasattr(packaging, "pip_ensure"):
-            packaging.pip_ensure(pipReqs, requester="EchoFM")
-        else:
-            if not asked and not slicer.util.confirmOkCancelDisplay(plan.describe()):
-                return False
-            slicer.util.pip_install(pipReqs)
+        self.logic.install_packages(pipReqs, pip_install=slicer.util.pip_install)
         return True
 
     # ------------------------------------------------------------------ input
@@ -311,6 +333,8 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNode.analysisFolder = ""
             self.ui.inputInfoLabel.text = self.logic.describe_cine(cineNodes.browser)
             self.logic.show_cine(cineNodes)
+            # play/scrub toolbar shown on this cine, as DICOMImageSequencePlugin does after loading
+            slicer.modules.sequences.showSequenceBrowser(cineNodes.browser)
             slicer.modules.sequences.setToolBarActiveBrowserNode(cineNodes.browser)
 
     # ------------------------------------------------------------------ analysis
@@ -324,6 +348,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             outDir = self.logic.new_work_folder("analysis")
             inputPath = self.logic.analysis_input(p.inputBrowser, outDir)
             cmd = self.logic.analysis_command(inputPath, outDir / "out", p.modelsFolder, p.device, p.segmentAllFrames)
+            self.ui.modelsFolderPathLineEdit.addCurrentPathToHistory()
             browser = p.inputBrowser
             self._startJob(cmd, "Analysis", lambda: self._onAnalysisDone(browser, outDir / "out"))
 
@@ -366,7 +391,8 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onGoToFrame(self, frame: int) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to change the frame."):
-            self.logic.go_to_frame(self._parameterNode.inputBrowser, frame)
+            proxy = self.logic.go_to_frame(self._parameterNode.inputBrowser, frame)
+            self.logic.show_volume(proxy)            # back to the live cine after a correction
 
     # ------------------------------------------------------------------ correction
     def onCorrect(self, which: str) -> None:
@@ -377,7 +403,9 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if seg is None:
                 raise ValueError(f"no {which} masks yet: run Analyze with a segment model, or create empty masks")
             frame = self.logic.mask_frame(seg, default=frame)     # the frame these masks were made for
-            reference = self.logic.go_to_frame(p.inputBrowser, frame)
+            # a fixed copy of that frame, not the browser's proxy: scrubbing or playing while correcting
+            # must not put another frame under the mask (threshold, grow-from-seeds read the source volume)
+            reference = self.logic.correction_volume(p.inputBrowser, frame)
             self._editing = which
             editor = self.ui.segmentEditorWidget
             editor.setSegmentationNode(seg)
@@ -431,6 +459,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             written = self.logic.export(p.exportFolder, p.inputBrowser, p.edSegmentation, p.esSegmentation,
                                         p.analysisFolder)
             self.ui.exportLabel.text = "Written: " + ", ".join(str(w) for w in written)
+            self.ui.exportFolderPathLineEdit.addCurrentPathToHistory()
 
     # ------------------------------------------------------------------ fine-tune, settings
     def onFinetune(self) -> None:
@@ -456,6 +485,8 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         with slicer.util.tryWithErrorDisplay("Failed to import the weights."):
             cmd = self.logic.import_weights_command(p.importWeightsFile, p.importTask, p.modelsFolder)
             self._startJob(cmd, "Importing weights", self.onModelsFolderChanged)
+            self.ui.importWeightsPathLineEdit.addCurrentPathToHistory()
+            self.ui.modelsFolderPathLineEdit.addCurrentPathToHistory()
 
     def onInstallDependencies(self) -> None:
         with slicer.util.tryWithErrorDisplay("Failed to install the Python packages.", waitCursor=True):

@@ -82,8 +82,8 @@ def test_phantom_dicom_with_ecg(env, study, phantom_files):
     # ECG table: time on the cine clock, values, R-peak flags at the true beats
     table = cn.ecg_table
     assert table is not None and cn.browser.GetNodeReference(ECG_ROLE) is table
-    np.testing.assert_allclose(table_column(table, "time_s"), cine.ecg.times_s, atol=1e-9)
-    np.testing.assert_allclose(table_column(table, "ecg_mV"), cine.ecg.signal, atol=1e-6)
+    np.testing.assert_allclose(table_column(table, "time"), cine.ecg.times_s, atol=1e-9)
+    np.testing.assert_allclose(table_column(table, "ecg"), cine.ecg.signal, atol=1e-6)
     peaks = r_peak_times(table)
     truth = study.r_peak_times_s
     assert len(peaks) == len(truth)
@@ -95,7 +95,7 @@ def test_phantom_dicom_with_ecg(env, study, phantom_files):
     assert frame_marker_time(cn.browser) == pytest.approx(cine.frame_times_s[17], abs=1e-9)
     assert update_frame_marker(cn.ecg_chart, cn.browser) == pytest.approx(cine.frame_times_s[17], abs=1e-9)
     marker = cn.ecg_chart.GetNodeReference("EchoFM.frameMarker")
-    assert table_column(marker, "time_s") == pytest.approx([cine.frame_times_s[17]] * 2)
+    assert table_column(marker, "time") == pytest.approx([cine.frame_times_s[17]] * 2)
     np.testing.assert_array_equal(volume_to_array(cn.proxy)[0], cine.frames[17])
 
     back = nodes_to_cine(cn.browser)

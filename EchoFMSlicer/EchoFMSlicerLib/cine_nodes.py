@@ -168,7 +168,8 @@ def cine_to_nodes(scene, cine: Cine, name: str, logics: Optional[Logics] = None)
             r_peaks = _r_peaks(cine, notes)
             table = ecg_to_table(scene, cine.ecg, r_peaks if r_peaks is not None else [], f"{name} ECG")
             chart = ecg_plot(scene, table, f"{name} ECG")
-            browser.SetNodeReferenceID(ECG_ROLE, table.GetID())
+            for holder in (browser, seq, proxy):     # where SlicerHeart's readers reference it
+                holder.SetNodeReferenceID(ECG_ROLE, table.GetID())
             browser.SetNodeReferenceID(CHART_ROLE, chart.GetID())
         meta = _meta(cine, grey, r_peaks, notes)
         browser.SetAttribute(META, json.dumps(meta))
@@ -342,6 +343,48 @@ def go_to_frame(cine_nodes: CineNodes, frame: int, logics: Optional[Logics] = No
         raise ValueError(f"frame {frame} outside the cine's {n} frames")
     cine_nodes.browser.SetSelectedItemNumber(int(frame))
     logics_for(cine_nodes.browser.GetScene(), logics).update_proxies(cine_nodes.browser)
+
+
+FIXED_FRAME_ROLE = "EchoFM.fixedFrame"
+FIXED_FRAME_ATTR = "EchoFM.fixedFrameIndex"
+
+
+def fixed_frame_volume(cine_nodes: CineNodes, frame: int):
+    """A volume node holding a copy of one frame (the Segment Editor's source volume while an ED/ES
+    mask is corrected): unlike the browser's proxy it does not change when the cine is scrubbed or
+    played, so paint, threshold and grow-from-seeds always read the frame the mask belongs to.
+
+    One such node per browser, referenced from it and reused (its content replaced) for the next frame."""
+    n = cine_nodes.num_frames
+    if not 0 <= int(frame) < n:
+        raise ValueError(f"frame {frame} outside the cine's {n} frames")
+    browser, scene = cine_nodes.browser, cine_nodes.browser.GetScene()
+    source = cine_nodes.sequence.GetNthDataNode(int(frame))
+    if source is None:
+        raise RuntimeError(f"the sequence {cine_nodes.sequence.GetName()!r} has no frame {frame}")
+    volume = browser.GetNodeReference(FIXED_FRAME_ROLE)
+    if volume is not None and volume.GetClassName() != source.GetClassName():
+        scene.RemoveNode(volume)
+        volume = None
+    if volume is None:
+        volume = add_node(scene, source.GetClassName(), f"{cine_nodes.sequence.GetName()} frame")
+        browser.SetNodeReferenceID(FIXED_FRAME_ROLE, volume.GetID())
+    image = vtk.vtkImageData()
+    image.DeepCopy(source.GetImageData())
+    matrix = vtk.vtkMatrix4x4()
+    source.GetIJKToRASMatrix(matrix)
+    volume.SetAndObserveImageData(image)
+    volume.SetIJKToRASMatrix(matrix)
+    volume.SetName(f"{cine_nodes.sequence.GetName()} frame {int(frame)}")
+    volume.SetAttribute(FIXED_FRAME_ATTR, str(int(frame)))
+    if volume.GetDisplayNode() is None:
+        volume.CreateDefaultDisplayNodes()
+    proxy_display = cine_nodes.proxy.GetDisplayNode() if cine_nodes.proxy is not None else None
+    if proxy_display is not None and hasattr(proxy_display, "GetWindow"):
+        display = volume.GetDisplayNode()
+        display.SetAutoWindowLevel(False)
+        display.SetWindowLevel(proxy_display.GetWindow(), proxy_display.GetLevel())
+    return volume
 
 
 def save_cine_sequence(cine_nodes: CineNodes, path) -> Path:

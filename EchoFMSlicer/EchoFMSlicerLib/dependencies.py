@@ -4,11 +4,14 @@ Slicer's Python ships numpy, vtk and SimpleITK (built with Slicer): those are ne
 installation when they can be imported, whatever version pip metadata says. torch and
 torchvision go through the PyTorch extension's ``PyTorchUtils`` when it is present (it picks
 the right CUDA/CPU build). Nothing here installs anything: the widget asks the user first and
-then runs the plan (``slicer.packaging.pip_ensure`` / ``slicer.util.pip_install``).
+then runs the plan (:func:`run_pip`: Slicer's ``pip_ensure`` where this Slicer has one, else
+``slicer.util.pip_install``).
 """
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
+import inspect
 import importlib.util
 import re
 import sys
@@ -194,3 +197,60 @@ def pip_command(plan: InstallPlan, python: Optional[Sequence[str]] = None) -> li
     not used): what to run by hand outside Slicer, or what the docs show."""
     reqs = list(plan.pip) + ([] if plan.use_pytorch_utils else list(plan.torch))
     return [*(python or [sys.executable]), "-m", "pip", "install", *reqs]
+
+
+# Where Slicer keeps pip_ensure: ``slicer.pydeps`` (5.11) and ``slicer.packaging`` (5.12). Neither is an
+# attribute of ``slicer`` until something imports it, so it is imported here, explicitly.
+PIP_ENSURE_MODULES = ("slicer.packaging", "slicer.pydeps")
+
+
+def slicer_pip_ensure():
+    """Slicer's ``pip_ensure`` function, or None on a Slicer (or slicer-core) without one."""
+    for name in PIP_ENSURE_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        fn = getattr(module, "pip_ensure", None)
+        if callable(fn):
+            return fn
+    return None
+
+
+def run_pip(requirements: Sequence[str], pip_install=None, pip_ensure=None, requester: str = "EchoFM") -> str:
+    """Install ``requirements`` the user has already agreed to; returns which way ("pip_ensure" or
+    "pip_install").
+
+    ``pip_ensure`` (default: :func:`slicer_pip_ensure`) takes ``packaging`` Requirement objects; it is
+    called without its own prompt (the widget asked already, so declining never surfaces as an
+    error) and, where it supports ``skip_packages``, told to leave Slicer's numpy, vtk and SimpleITK
+    and the PyTorch extension's torch alone, as SlicerNNUNet does. Without it,
+    ``pip_install(list)`` (``slicer.util.pip_install``)."""
+    reqs = [str(r) for r in requirements]
+    if not reqs:
+        return "nothing"
+    ensure = slicer_pip_ensure() if pip_ensure is None else pip_ensure
+    if ensure is not None:
+        try:
+            from packaging.requirements import Requirement as PackagingRequirement
+        except ModuleNotFoundError:
+            ensure = None
+    if ensure is not None:
+        try:
+            params = set(inspect.signature(ensure).parameters)
+        except (TypeError, ValueError):
+            params = set()
+        kwargs = {"requester": requester} if "requester" in params else {}
+        if "prompt_install" in params:
+            kwargs["prompt_install"] = False
+        if "skip_packages" in params:
+            wanted = {Requirement.parse(r).name for r in reqs}
+            kwargs["skip_packages"] = [p for p in ("numpy", "vtk", "SimpleITK", *TORCH_PACKAGES)
+                                       if normalise(p) not in wanted]
+        ensure([PackagingRequirement(r) for r in reqs], **kwargs)
+        return "pip_ensure"
+    if pip_install is None:
+        raise RuntimeError("no way to install Python packages here: neither Slicer's pip_ensure nor "
+                           "slicer.util.pip_install is available")
+    pip_install(reqs)
+    return "pip_install"

@@ -1,7 +1,9 @@
-"""The ECG as a table node (time, value, R-peak flag), its plot, and a marker at the current frame.
+"""The ECG as a table node (time, ecg, triggerTimes), its plot, and a marker at the current frame.
 
-The table layout follows SlicerHeart, which references the ECG table from the sequence browser
-under the role ``SlicerHeart.ECG``; values are in mV (the engine converts DICOM waveforms).
+The table is SlicerHeart's (its ultrasound readers write columns ``time``, ``ecg`` and
+``triggerTimes``, and reference the table from the browser, the sequence and the proxy volume
+under the role ``SlicerHeart.ECG``); ``triggerTimes`` holds the R-peak times, NaN past the last
+one (a table's columns have one length). Values are in mV (the engine converts DICOM waveforms).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ ECG_ROLE = "SlicerHeart.ECG"
 CHART_ROLE = "EchoFM.ecgChart"
 MARKER_ROLE = "EchoFM.frameMarker"
 PEAKS_ROLE = "EchoFM.rPeaks"
-TIME, VALUE, PEAK = "time_s", "ecg_mV", "r_peak"
+TIME, VALUE, TRIGGERS = "time", "ecg", "triggerTimes"      # SlicerHeart's column names
 
 
 def table_from_columns(scene, name: str, columns: dict, units: Optional[dict] = None):
@@ -50,15 +52,15 @@ def table_column(table_node, name: str) -> np.ndarray:
 
 
 def ecg_to_table(scene, ecg: Ecg, r_peak_times_s: Sequence[float], name: str):
-    """Table node ``time_s`` (cine clock), ``ecg_mV``, ``r_peak`` (1 at the sample nearest each R peak)."""
+    """Table node ``time`` (s, cine clock), ``ecg`` (mV), ``triggerTimes`` (s: the R peaks, NaN-padded)."""
     t = ecg.times_s
-    flags = np.zeros(t.size, dtype=np.int32)
-    peaks = np.asarray(list(r_peak_times_s), dtype=np.float64)
-    if peaks.size:
-        idx = np.clip(np.round((peaks - ecg.t0_s) * ecg.fs).astype(np.int64), 0, t.size - 1)
-        flags[idx] = 1
-    node = table_from_columns(scene, name, {TIME: t, VALUE: ecg.signal, PEAK: flags},
-                              units={TIME: "s", VALUE: "mV"})
+    peaks = np.sort(np.asarray(list(r_peak_times_s), dtype=np.float64))
+    if peaks.size > t.size:
+        raise ValueError(f"{peaks.size} R peaks for an ECG of {t.size} samples")
+    triggers = np.full(t.size, np.nan)
+    triggers[:peaks.size] = peaks
+    node = table_from_columns(scene, name, {TIME: t, VALUE: ecg.signal, TRIGGERS: triggers},
+                              units={TIME: "s", VALUE: "mV", TRIGGERS: "s"})
     node.SetAttribute("EchoFM.ecgFs", repr(ecg.fs))
     node.SetAttribute("EchoFM.ecgLead", str(ecg.lead))
     return node
@@ -76,8 +78,9 @@ def table_to_ecg(table_node) -> Ecg:
 
 
 def r_peak_times(table_node) -> np.ndarray:
-    """Times (s) of the samples flagged as R peaks."""
-    return table_column(table_node, TIME)[table_column(table_node, PEAK) > 0]
+    """R-peak times (s): the ``triggerTimes`` column without its NaN padding."""
+    triggers = table_column(table_node, TRIGGERS)
+    return triggers[np.isfinite(triggers)]
 
 
 def _series(scene, name: str, table, x: str, y: str, color, line: bool, marker: bool):
@@ -97,8 +100,8 @@ def ecg_plot(scene, table, name: Optional[str] = None):
     """Plot chart of the ECG with its R peaks and a vertical marker at the current frame."""
     base = name or table.GetName()
     t, v = table_column(table, TIME), table_column(table, VALUE)
-    flags = table_column(table, PEAK) > 0
-    peaks = table_from_columns(scene, f"{base} R peaks", {TIME: t[flags], VALUE: v[flags]},
+    idx = np.unique(np.abs(t[None, :] - r_peak_times(table)[:, None]).argmin(axis=1)) if t.size else np.array([], int)
+    peaks = table_from_columns(scene, f"{base} R peaks", {TIME: t[idx], VALUE: v[idx]},
                                units={TIME: "s", VALUE: "mV"})
     lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 1.0)
     marker = table_from_columns(scene, f"{base} frame marker", {TIME: [0.0, 0.0], VALUE: [lo, hi]},

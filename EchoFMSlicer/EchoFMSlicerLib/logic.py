@@ -27,6 +27,16 @@ from .scene import Logics, all_or_nothing, register_modules
 TASKS = ["segment", "view", "as", "ar", "ef"]
 DEVICES = ["auto", "cuda", "cpu"]
 FINETUNE_CONFIG = os.path.join("Resources", "configs", "finetune_segment.yaml")
+# A 2D echo cine wants one large slice view (not three orthogonal views of one slice) and the ECG below it.
+ECHO_LAYOUT_ID = 5801
+ECHO_LAYOUT_XML = """<layout type="vertical" split="true">
+ <item splitSize="700"><view class="vtkMRMLSliceNode" singletontag="Red">
+  <property name="orientation" action="default">Axial</property>
+  <property name="viewlabel" action="default">R</property>
+  <property name="viewcolor" action="default">#F34A33</property></view></item>
+ <item splitSize="300"><view class="vtkMRMLPlotViewNode" singletontag="PlotView1">
+  <property name="viewlabel" action="default">P</property></view></item>
+</layout>"""
 SOURCE_ATTRIBUTE = "EchoFM.SourceFile"      # browser attribute: the file a cine was loaded from
 MODELS_ENV = "ECHOFM_MODELS"                # same rule as EchoFMEngine.models.registry.default_folder
 
@@ -67,9 +77,21 @@ class EchoFMLogic:
 
     @staticmethod
     def engine_root() -> Path:
-        """The folder holding EchoFMEngine, train.py and Resources/configs."""
+        """The folder holding EchoFMEngine and Resources/configs (a source checkout, or the extension's
+        module path)."""
         import EchoFMEngine
         return Path(EchoFMEngine.__file__).resolve().parent.parent
+
+    @classmethod
+    def train_script(cls) -> Path:
+        """train.py: at the root of a source checkout, in ``EchoFMScripts/`` of a built extension (a
+        ``*.py`` at the top of a module path would be loaded by Slicer as a module)."""
+        root = cls.engine_root()
+        for candidate in (root / "train.py", root / "EchoFMScripts" / "train.py"):
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(f"train.py is missing from this installation (looked in {root} and "
+                                f"{root / 'EchoFMScripts'})")
 
     def child_environment(self) -> dict:
         return engine_environment([str(self.engine_root())])
@@ -89,12 +111,17 @@ class EchoFMLogic:
     # ------------------------------------------------------------------ dependencies, models
     @staticmethod
     def missing_packages() -> list:
-        """Requirements of the engine this Python lacks ([] when it cannot tell)."""
-        try:
-            return dependencies.missing_requirements()
-        except (OSError, ValueError) as e:
-            logging.warning(f"EchoFM: cannot check the Python packages: {e}")
-            return []
+        """Requirements of the engine this Python lacks.
+
+        Raises FileNotFoundError when neither pyproject.toml nor the installed package says what the
+        engine needs, and ValueError for an unreadable pyproject.toml: "cannot tell" is never "all present"."""
+        return dependencies.missing_requirements()
+
+    @staticmethod
+    def install_packages(requirements, pip_install=None) -> str:
+        """Install requirements the user agreed to (dependencies.run_pip: Slicer's pip_ensure, else
+        ``pip_install``, which the widget passes in: Slicer's own pip_install)."""
+        return dependencies.run_pip(list(requirements), pip_install=pip_install)
 
     def install_plan(self) -> Optional[dependencies.InstallPlan]:
         """What to install (torch through PyTorchUtils when present), None when nothing is missing.
@@ -238,13 +265,48 @@ class EchoFMLogic:
         return "\n".join([text, *meta.get("notes", [])])
 
     def show_cine(self, nodes) -> None:
-        """The cine as background of every slice view (fitted), its ECG chart in the layout's plot view."""
+        """The cine as background of the slice views (fitted) in a 2D-echo layout: one large slice view
+        and, with an ECG, its chart below (not ShowChartInLayout, which turns Conventional into
+        ConventionalPlot: two slice views across a 2D image and an empty 3D view)."""
+        self.show_volume(nodes.proxy)
+        self.show_echo_layout(nodes.ecg_chart)
+
+    def show_volume(self, volume) -> None:
+        """``volume`` as the background of every slice view."""
         selection = self.logics.app.GetSelectionNode()
         if selection is not None:
-            selection.SetActiveVolumeID(nodes.proxy.GetID())
+            selection.SetActiveVolumeID(volume.GetID())
             self.logics.app.PropagateBackgroundVolumeSelection(1)
-        if nodes.ecg_chart is not None:
-            self.logics.plots.ShowChartInLayout(nodes.ecg_chart)
+
+    def show_echo_layout(self, chart=None) -> Optional[int]:
+        """Switch the layout node (if the scene has one, as Slicer's has) to the red slice view alone, or
+        above a plot view showing ``chart``; returns the view arrangement set (None without a layout node)."""
+        layout = self.scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
+        if layout is None:
+            return None
+        if chart is None:
+            arrangement = layout.SlicerLayoutOneUpRedSliceView
+        else:
+            if not layout.IsLayoutDescription(ECHO_LAYOUT_ID):
+                layout.AddLayoutDescription(ECHO_LAYOUT_ID, ECHO_LAYOUT_XML)
+            arrangement = ECHO_LAYOUT_ID
+        layout.SetViewArrangement(arrangement)
+        selection = self.logics.app.GetSelectionNode()
+        if chart is not None and selection is not None:
+            selection.SetReferenceActivePlotChartID(chart.GetID())
+            self.logics.app.PropagatePlotChartSelection()
+        return arrangement
+
+    def correction_volume(self, browser, frame: int):
+        """A fixed copy of ``frame`` to correct its mask on (see cine_nodes.fixed_frame_volume), shown as
+        the slice views' background; playback is stopped so the ECG marker stays on that frame."""
+        from . import cine_nodes
+        nodes = self.cine_nodes(browser)
+        volume = cine_nodes.fixed_frame_volume(nodes, int(frame))
+        browser.SetPlaybackActive(False)
+        cine_nodes.go_to_frame(nodes, int(frame), self.logics)
+        self.show_volume(volume)
+        return volume
 
     def update_frame_marker(self, browser) -> None:
         """Move the ECG chart's current-frame marker to the browser's frame."""
@@ -537,7 +599,7 @@ class EchoFMLogic:
             size = read_task_description(start).get("input") or {}
             overrides += [f"init_from={start}", f"model.img_size={int(size['height'])}",
                           f"data.frames={int(size['frames'])}"]
-        return [*python_command(), str(root / "train.py"), "--config", str(config), *overrides]
+        return [*python_command(), str(self.train_script()), "--config", str(config), *overrides]
 
     @staticmethod
     def finetuned_model(run_folder) -> Path:

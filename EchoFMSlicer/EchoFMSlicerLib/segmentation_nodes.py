@@ -156,7 +156,28 @@ def labels_to_segmentation(scene, label_map_2d, reference_volume, name: str, sou
         seg.CreateDefaultDisplayNodes()
         _fill(seg, lab, _geometry(reference_volume), source)
         _mark(seg, source, phase, frame)
+        apply_source_style(seg)
     return seg
+
+
+def apply_source_style(seg) -> None:
+    """AI output as outlines only (thick, lighter colours), clinician-corrected masks filled and
+    outlined: the two can be shown together and told apart ("Show the AI masks")."""
+    display = seg.GetDisplayNode()
+    if display is None:
+        return
+    ai = seg.GetAttribute(SOURCE_ATTR) == "AI"
+    display.SetVisibility2DFill(not ai)
+    display.SetVisibility2DOutline(True)
+    display.SetOpacity2DFill(0.0 if ai else 0.4)
+    display.SetOpacity2DOutline(1.0)
+    display.SetSliceIntersectionThickness(3 if ai else 2)
+    segmentation = seg.GetSegmentation()
+    for spec in SEGMENTS.values():
+        segment = segmentation.GetSegment(spec.name)
+        if segment is not None:
+            colour = np.asarray(spec.color, dtype=float)
+            segment.SetColor(*(0.5 * colour + 0.5 if ai else colour))     # AI: halfway to white
 
 
 def segment_mask(seg, segment_id: str, reference=None) -> np.ndarray:
