@@ -27,6 +27,7 @@ LV_ENDO, LV_MYO, LA = 1, 2, 3
 KNOWN_LABELS = (0, LV_ENDO, LV_MYO, LA)
 
 _REF_SIZE = 112.0      # pixel sizes below are tuned at EchoNet's 112 px and scale with the frame
+_WORK_SIDE = 256       # larger frames are tracked on a grid of this many pixels on the longer side
 _FLOW_SIDE = 224       # flow is computed on frames resized to this many pixels on the longer side
 
 
@@ -45,7 +46,9 @@ class PropagationOptions:
     flow_preset: int = 2         # cv2.DISOPTICAL_FLOW_PRESET_* (2: MEDIUM)
     flow_side: int = _FLOW_SIDE   # frames are resized to this longer side for the flow
     flow_stride: int = 4
-    flow_iters: int = 16
+    flow_iters: int = 25
+    flow_var_iters: int = 0      # variational refinement iterations (the flow's main cost)
+    flow_finest: int = 0         # finest pyramid level DIS computes (0: the resized frame itself)
     blood_margin: Optional[float] = 12.0  # grey levels above the key frame's local blood level still blood
     reanchor: bool = True        # drift correction: frames like the key frame are registered to it directly
     grow_px: float = 0.0         # how far (112 px) the cavity may grow into dark pixels per frame
@@ -53,13 +56,16 @@ class PropagationOptions:
 
 # ----------------------------------------------------------------------------- checks
 def _grey_frames(cine) -> np.ndarray:
-    """float32 [T, H, W] luma of a Cine or an array [T, H, W(, 3)]."""
+    """Luma [T, H, W] (uint8 for uint8 RGB, else float32) of a Cine or an array [T, H, W(, 3)]."""
     frames = cine.frames if isinstance(cine, Cine) else np.asarray(cine)
     if frames.ndim == 4:
         if frames.shape[-1] != 3:
             raise ValueError(f"cine frames must be [T, H, W] or [T, H, W, 3], got shape {frames.shape}")
-        f = frames.astype(np.float32)
-        g = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
+        if frames.dtype == np.uint8:
+            g = np.stack([cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in frames])
+        else:
+            f = frames.astype(np.float32)
+            g = 0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]
     elif frames.ndim == 3:
         g = frames.astype(np.float32)
     else:
@@ -159,7 +165,7 @@ class _Flow:
     and shrunk for large frames; ``warp(sdf, src, dst)`` moves a map from frame src to dst."""
 
     def __init__(self, images: np.ndarray, preset: int, side: int = _FLOW_SIDE, stride: int = 2,
-                 iters: int = 50):
+                 iters: int = 50, var_iters: int = 10, finest: int = 0):
         self.images = images
         T, H, W = images.shape
         self.scale = side / max(H, W)
@@ -174,9 +180,9 @@ class _Flow:
         self.dis = cv2.DISOpticalFlow_create(preset)
         self.dis.setPatchSize(8)
         self.dis.setPatchStride(stride)
-        self.dis.setFinestScale(0)
+        self.dis.setFinestScale(finest)
         self.dis.setGradientDescentIterations(iters)
-        self.dis.setVariationalRefinementIterations(10)
+        self.dis.setVariationalRefinementIterations(var_iters)
         self.dis.setVariationalRefinementAlpha(10.0)
         self.cache: dict = {}
         yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
@@ -219,8 +225,15 @@ def _largest(mask: np.ndarray) -> np.ndarray:
 
 
 def _clean(mask: np.ndarray) -> np.ndarray:
-    """One component, no holes."""
-    return ndimage.binary_fill_holes(_largest(mask))
+    """One component, no holes (worked on the mask's bounding box: large frames stay fast)."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    if rows.size == 0:
+        return mask
+    r0, r1 = max(0, rows[0] - 1), min(mask.shape[0], rows[-1] + 2)
+    c0, c1 = max(0, cols[0] - 1), min(mask.shape[1], cols[-1] + 2)
+    out = np.zeros_like(mask, dtype=bool)
+    out[r0:r1, c0:c1] = ndimage.binary_fill_holes(_largest(mask[r0:r1, c0:c1]))
+    return out
 
 
 def _blood_level(image: np.ndarray, cavity: np.ndarray, sigma: float) -> np.ndarray:
@@ -310,10 +323,18 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
     for f in wanted:
         if not 0 <= f < T:
             raise ValueError(f"requested frame {f} is outside the cine (frames 0..{T - 1})")
+    known_full, full = known, (H, W)
+    shrink = min(1.0, _WORK_SIDE / max(H, W))
+    if shrink < 1.0:   # large frames: track on a reduced grid, outlines scaled back smoothly at the end
+        size = (max(16, int(round(W * shrink))), max(16, int(round(H * shrink))))
+        grey = np.stack([cv2.resize(g, size, interpolation=cv2.INTER_AREA) for g in grey])
+        known = {k: cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for k, m in known.items()}
+        T, H, W = grey.shape
     scale = min(H, W) / _REF_SIZE
     sector = _sector(grey)
     images = _prefilter(grey, sector, max(0.6, opt.smooth_sigma_px * scale))
-    flow = _Flow(images, opt.flow_preset, opt.flow_side, opt.flow_stride, opt.flow_iters)
+    flow = _Flow(images, opt.flow_preset, opt.flow_side, opt.flow_stride, opt.flow_iters,
+                 opt.flow_var_iters, opt.flow_finest)
     present = _labels_present(known)
     band = max(1.5, opt.band_px * scale)
     keys = sorted(known)
@@ -383,7 +404,17 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
     if keys[-1] < T - 1 and hi > keys[-1]:
         for t, s in track(keys[-1], hi + 1).items():
             result[t] = _compose(s, present, (H, W))
-    return np.stack([result[f] for f in wanted]).astype(np.uint8)
+    out = np.empty((len(wanted), *full), dtype=np.uint8)
+    for i, f in enumerate(wanted):
+        if f in known_full:
+            out[i] = known_full[f]
+        elif shrink < 1.0:
+            sdfs = {k: cv2.resize(_sdf(v), (full[1], full[0]), interpolation=cv2.INTER_LINEAR)
+                    for k, v in _structures(result[f]).items()}
+            out[i] = _compose(sdfs, present, full)
+        else:
+            out[i] = result[f]
+    return out
 
 
 def _segments(keys: Sequence[int], T: int, lo: int, hi: int):
