@@ -7,7 +7,7 @@
     Slicer --no-main-window --python-script train.py --config ...
 
 Runs the same way under plain Python and headless 3D Slicer, and always ends with an explicit
-exit status (0 success, 1 error, 3 missing packages).
+exit status (0 success, 1 error, 2 usage or config error, 3 missing packages).
 """
 from __future__ import annotations
 

@@ -164,7 +164,8 @@ class RunLock:
                 if owner is None:
                     continue
                 if owner.get("pid") == os.getpid() and owner.get("host") == me["host"]:
-                    raise LockedError(f"{self.folder}: already locked by this process")
+                    raise LockedError(f"{self.folder} is in use by another {owner.get('what', 'run')} of this "
+                                      f"process (pid {os.getpid()} on {me['host']})")
                 if not self._stale(owner):
                     raise LockedError(
                         f"{self.folder} is in use by another {owner.get('what', 'run')} (pid {owner.get('pid')} "

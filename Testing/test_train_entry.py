@@ -24,14 +24,14 @@ def test_missing_packages_are_named_with_the_install_command(monkeypatch, capsys
     assert "surely-not-installed" in err and "-m pip install surely-not-installed" in err
 
 
-def test_unknown_task_and_missing_config_exit_with_status_1(tmp_path):
+def test_unknown_task_and_missing_config_exit_with_status_2(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("task: dance\n")
     r = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(cfg)], capture_output=True, text=True)
-    assert r.returncode == 1 and "task 'dance' has no training loop" in r.stderr
+    assert r.returncode == 2 and "task 'dance' has no training loop" in r.stderr
     r = subprocess.run([sys.executable, str(REPO / "train.py"), "--config", str(tmp_path / "absent.yaml")],
                        capture_output=True, text=True)
-    assert r.returncode == 1 and "absent.yaml" in r.stderr
+    assert r.returncode == 2 and "absent.yaml" in r.stderr
 
 
 def test_overrides_may_come_before_and_after_flags():

@@ -5,6 +5,12 @@ models folder holds (view, segmentation, AS, EF regression), measures volumes an
 masks (the model's, or the user's), and returns a :class:`StudyResult`. A result field is
 ``None`` when it could not be computed, and ``needs`` says which weights would fill it; no field
 is ever guessed.
+
+Every result also carries ``flags`` (``{"name", "reason"}``: plausibility, view, input and model
+checks, :mod:`.plausibility`), ``measurements["reliable"]`` (a number behind a failed check is
+marked unreliable) and ``provenance`` (which model file, trained on what, made each output;
+how ED/ES and the masks were found, :mod:`.provenance`). No file name or path is kept: the
+result's ``input`` is the derived study id.
 """
 from __future__ import annotations
 
@@ -17,9 +23,13 @@ import numpy as np
 
 from ..cine import Cine
 from ..models.registry import ModelStore
+from . import plausibility as plaus
+from .plausibility import flag
 from ..training.distributed import resolve_device
 
 LOW_CONFIDENCE = 0.6          # top view probability below this -> flag "low_view_confidence"
+APICAL_VIEWS = ("A2C", "A3C", "A4C", "A5C")   # views the method of discs (and LV/LA masks) assumes
+VIEWS = APICAL_VIEWS + ("PLAX", "PSAX", "other")
 SEGMENT_LABELS = {"0": "background", "1": "lv_cavity", "2": "lv_myocardium", "3": "la"}
 
 
@@ -39,6 +49,7 @@ class StudyResult:
     timing_s: dict = field(default_factory=dict)
     masks: Optional[np.ndarray] = field(default=None, repr=False)   # [T, H, W] uint8, original pixels
     study_id: Optional[str] = None
+    provenance: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -54,19 +65,47 @@ def _cine_facts(cine: Cine) -> dict:
             "has_ecg": cine.ecg is not None, "format": cine.source.format}
 
 
-def quality_flags(cine: Cine) -> list[str]:
+def quality_flags(cine: Cine) -> list[dict]:
     """Flags that need no model: wrong modality, a still image, unknown spacing, no ECG."""
     flags = []
     modality = str(cine.source.extra.get("modality", "")).upper()
     if modality and modality != "US":
-        flags.append(f"not_echo: DICOM modality {modality}")
+        flags.append(flag("not_echo", f"DICOM modality {modality}, not ultrasound"))
     if cine.num_frames < 2:
-        flags.append("single_frame")
+        flags.append(flag("single_frame", "a still image: no ED/ES, no volumes over time"))
+    for key in ("truncated", "frame_count_mismatch"):     # set by the readers (io.video, io.dicom)
+        if cine.source.extra.get(key):
+            flags.append(flag(key, str(cine.source.extra[key])))
     if cine.spacing_mm is None:
-        flags.append("unknown_spacing: volumes in pixel units, not ml")
+        flags.append(flag("unknown_spacing", "volumes in pixel units, not ml"))
     if cine.ecg is None:
-        flags.append("no_ecg")
+        flags.append(flag("no_ecg", "no ECG in the file: ED/ES from the images"))
     return flags
+
+
+def gate_input(cine: Cine) -> tuple[Cine, dict, list]:
+    """Multi-panel layouts cut to the B-mode panel (ValueError with the reason when none is B-mode)
+    and colour Doppler flagged: (cine to analyse, panel facts or {}, flags)."""
+    import dataclasses
+
+    from ..geometry import choose_bmode_panel, colour_doppler_frames, find_panels, find_sector
+
+    flags, panel = [], {}
+    panels = find_panels(cine.frames)
+    if len(panels) > 1:
+        best, why = choose_bmode_panel(cine.frames, panels)
+        if best is None:
+            raise ValueError(f"multi-panel layout refused: {why}")
+        c0, c1 = panels[best]
+        panel = {"columns": [int(c0), int(c1)], "panels": [list(map(int, p)) for p in panels],
+                 "original_width": int(cine.shape[2])}
+        cine = dataclasses.replace(cine, frames=np.ascontiguousarray(cine.frames[:, :, c0:c1]))
+        flags.append(flag("multi_panel", why))
+    colour = colour_doppler_frames(cine.frames, find_sector(cine.frames))
+    if colour:
+        flags.append(flag("colour_doppler", f"{len(colour)} of {cine.num_frames} frames hold a colour Doppler box: "
+                                            "the LV/LA outlines and volumes of B-mode methods do not apply"))
+    return cine, panel, flags
 
 
 def check_masks(masks, cine: Cine) -> np.ndarray:
@@ -96,12 +135,18 @@ def load_models(models=None, device: str = "auto", tasks=("view", "segment", "as
 
     store = models if isinstance(models, ModelStore) else ModelStore(models)
     dev = resolve_device(device)
+    from .provenance import model_provenance
+
     loaded = ModelSet(reasons=store.missing(tasks))
+    loaded.provenance = {}
+    entries = store.entries()
     for task in tasks:
         try:      # a model that cannot load disables its task (named in `needs`); the rest still runs
             path = store.get(task)
             if path is not None:
                 loaded[task] = load_task_model(path, task=task, map_location="cpu").to(dev).eval()
+                loaded.provenance[task] = model_provenance(task, getattr(loaded[task], "description", None),
+                                                           entries.get(task))
         except Exception as e:  # noqa: BLE001
             loaded.reasons[task] = f"the '{task}' model could not be loaded: {e}"
     from .inference import share_encoders

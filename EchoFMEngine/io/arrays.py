@@ -50,6 +50,10 @@ def frames_to_rgb(arr: np.ndarray, path, layout: str = "THW") -> np.ndarray:
         raise CineReadError(path, f"zero frames or empty frames (shape {tuple(a.shape)})")
     if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
         raise CineReadError(path, f"array dtype {a.dtype} is not numeric")
+    if np.issubdtype(a.dtype, np.inexact):
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:     # never analysed as black pixels: the caller fixes the data
+            raise CineReadError(path, f"{bad} of {a.size} pixel values are NaN or infinite")
     a = to_uint8(a)
     if a.ndim == 3:
         a = np.repeat(a[..., None], 3, axis=-1)

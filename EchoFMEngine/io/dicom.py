@@ -281,8 +281,8 @@ def ultrasound_spacing(ds) -> tuple[tuple[float, float] | None, dict]:
                                                  "RegionLocationMaxX1", "RegionLocationMaxY1")]
         except (AttributeError, TypeError, ValueError):
             continue
-        if dx <= 0 or dy <= 0:
-            continue
+        if not (np.isfinite(dx) and np.isfinite(dy)) or dx <= 0 or dy <= 0:
+            continue                      # NaN/inf/zero spacing: not usable (never NaN volumes)
         area = max(box[2] - box[0], 0) * max(box[3] - box[1], 0)
         if best is None or area > best[0]:
             best = (area, (dy * 10.0, dx * 10.0), box)
@@ -292,7 +292,7 @@ def ultrasound_spacing(ds) -> tuple[tuple[float, float] | None, dict]:
     if ps is not None:
         try:
             row, col = float(ps[0]), float(ps[1])
-            if row > 0 and col > 0:
+            if np.isfinite(row) and np.isfinite(col) and row > 0 and col > 0:
                 return (row, col), {"spacing_source": "PixelSpacing"}
         except (TypeError, ValueError, IndexError):
             pass
@@ -330,6 +330,18 @@ def source_info(ds, path: Path) -> SourceInfo:
     )
 
 
+def _frames_in_pixel_data(ds) -> int | None:
+    """Whole frames the uncompressed pixel data holds (None for compressed data or odd headers)."""
+    try:
+        ts = _transfer_syntax(ds)
+        if ts is None or ts.is_compressed or "PixelData" not in ds:
+            return None
+        per = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) * (int(ds.BitsAllocated) // 8)
+        return len(ds.PixelData) // per if per > 0 else None
+    except (AttributeError, TypeError, ValueError):
+        return None
+
+
 def cine_from_dataset(ds, path) -> Cine:
     """Build a cine from an already read pydicom dataset (``path`` names it in errors)."""
     path = Path(path)
@@ -341,6 +353,10 @@ def cine_from_dataset(ds, path) -> Cine:
     src = source_info(ds, path)
     src.extra.update(notes)
     src.extra.update(sp_notes)
+    held, declared = _frames_in_pixel_data(ds), int(ds.get("NumberOfFrames", 1) or 1)
+    if held is not None and held > declared:
+        src.extra["frame_count_mismatch"] = (f"NumberOfFrames says {declared} but the pixel data holds "
+                                             f"{held} frames; {frames.shape[0]} were read")
     if any((t.group >> 8) == 0x50 and t.element == 0x3000 for t in ds.keys()):
         src.extra["ecg_curve_data_unread"] = True  # retired curve module (group 50xx) not decoded
     return Cine(frames=frames, fps=fps, frame_times_s=times, spacing_mm=spacing,

@@ -19,15 +19,24 @@ def _read_pyav(path: Path) -> Cine:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        frames, times = [], []
-        for frame in container.decode(stream):
-            frames.append(frame.to_ndarray(format="rgb24"))
-            times.append(frame.time)
+        declared = int(stream.frames or 0)
+        frames, times, broken = [], [], None
+        try:
+            for frame in container.decode(stream):
+                frames.append(frame.to_ndarray(format="rgb24"))
+                times.append(frame.time)
+        except Exception as e:  # noqa: BLE001 - a decode error after some frames: keep them, flag it
+            if not frames:
+                raise
+            broken = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         codec = stream.codec_context.name
     if not frames:
         raise CineReadError(path, "video holds zero decodable frames")
     fps = float(rate) if rate else 0.0
     extra = {"codec": codec, "decoder": "pyav"}
+    if broken or (declared and len(frames) < declared):
+        extra["truncated"] = (f"decoded {len(frames)} of {declared or '?'} frames"
+                              + (f" (decoding stopped: {broken})" if broken else ""))
     if not fps > 0:
         fps, extra["fps_assumed"] = 30.0, True
     t = None

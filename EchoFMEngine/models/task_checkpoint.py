@@ -157,8 +157,9 @@ def validate_task_file(file, desc: dict) -> None:
             raise ValueError(f"a {kind!r} head cannot serve task {desc['task']!r} (expected {TASK_KINDS[desc['task']]})")
         with torch.device("meta"):
             model = build_from_description(desc)
-        n = _n_outputs(model)
-        if n is not None and len(desc["labels"]) != n and kind != "multiview":
+        head = desc["head"]
+        n = int(head["n_classes"]) if kind in ("classifier", "segmenter", "frame_segmenter") else None
+        if n is not None and len(desc["labels"]) != n:
             raise ValueError(f"description names {len(desc['labels'])} labels but the head has {n} outputs")
     except CheckpointError:
         raise

@@ -68,6 +68,20 @@ def save_checkpoint(out: Path, step: int, state: dict, keep_last: int = 3) -> Pa
     return final
 
 
+def run_lock(out, what: str):
+    """Own the run folder ``out`` (a second training into it is refused, naming the first) and
+    remove temporary checkpoint files a killed writer left (they can only be stale while we hold it)."""
+    from ..atomic import RunLock
+
+    lock = RunLock(out, what).acquire()
+    d = checkpoint_dir(out)
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.startswith(".step_") and ".pt.tmp" in p.name:
+                p.unlink(missing_ok=True)
+    return lock
+
+
 def load_latest(out: Path, map_location="cpu") -> Optional[dict]:
     """The newest readable checkpoint of a run folder (a torn file is skipped), or None."""
     for path in reversed(list_checkpoints(out)):

@@ -1,7 +1,9 @@
 """Run configuration: a YAML file plus ``key=value`` overrides, checked against the known keys.
 
 The known keys depend on the config's ``task``: pretraining (:data:`DEFAULTS`) or a fine-tuning
-task (:data:`FINETUNE_DEFAULTS` with per-task changes, :func:`defaults_for`)."""
+task (:data:`FINETUNE_DEFAULTS` with per-task changes, :func:`defaults_for`). Every value is then
+validated by type and range with pydantic (:data:`PRETRAIN_TYPES`, :data:`FINETUNE_TYPES`) before
+anything runs; one :class:`ConfigError` lists every bad key (unknown keys with the closest known one)."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +12,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import yaml
+from pydantic import Field, StrictBool, StrictInt, TypeAdapter, ValidationError
+from typing_extensions import Annotated, Literal
 
 # Every key a pretraining config may hold, with its default. Model keys are checked by EchoFMConfig.
 DEFAULTS = {
@@ -114,6 +118,76 @@ FINETUNE_DEFAULTS = {
 }
 
 
+# Types and ranges of the values (pydantic strict types: 2.5 or true is not an int).
+Count = Annotated[StrictInt, Field(ge=1)]
+NonNeg = Annotated[StrictInt, Field(ge=0)]
+PosFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+NonNegFloat = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Fraction01 = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+Beta = Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)]
+Betas = Annotated[list[Beta], Field(min_length=2, max_length=2)]
+Text = Annotated[str, Field(min_length=1)]
+Amp = Literal["auto", "bf16", "fp16", "fp32"]
+Device = Annotated[str, Field(pattern=r"^(auto|cpu|cuda(:\d+)?)$")]
+_COMMON_TYPES = {
+    "init_from": Optional[Text],
+    "run.out": Text, "run.steps": Count, "run.batch_size": Count, "run.seed": NonNeg, "run.amp": Amp,
+    "run.device": Device, "run.ckpt_every": Count, "run.keep_last": NonNeg, "run.log_every": Count,
+    "run.tensorboard": StrictBool,
+    "optim.weight_decay": NonNegFloat, "optim.betas": Betas, "optim.warmup_steps": NonNeg,
+    "optim.min_lr": NonNegFloat, "optim.clip_grad": Optional[PosFloat],
+    "data.root": Optional[Text], "data.seed": NonNeg, "data.num_workers": NonNeg,
+}
+PRETRAIN_TYPES = {
+    **_COMMON_TYPES,
+    "task": Literal["pretrain"], "data.kind": Literal["phantom", "cache", "folder"], "data.n_studies": Count,
+    "optim.base_lr": NonNegFloat, "optim.accum_steps": Count,
+    "run.compile": StrictBool, "run.compile_mode": Literal["default", "reduce-overhead", "max-autotune"],
+}
+FINETUNE_TYPES = {
+    **_COMMON_TYPES,
+    "task": Literal[FINETUNE_TASKS], "head.mode": Literal["full", "frozen"], "head.norm": StrictBool,
+    "head.dropout": Annotated[float, Field(ge=0, lt=1)], "head.width": Count,
+    "head.layers": Optional[list[NonNeg]], "head.frame_model": StrictBool,
+    "head.fusion": Literal["attention", "mean"], "head.severity_weight": NonNegFloat,
+    "data.kind": Literal["phantom", "tmed2", "camus", "echonet", "ar_multiview", "csv"],
+    "data.csv_file": Optional[Text], "data.label_column": Optional[Text], "data.classes": Optional[list[Text]],
+    "data.as_task": Literal["as_presence", "as_early_vs_significant", "as_significant", "as_grade"],
+    "data.views": Optional[list[Text]], "data.frames": Optional[Count],
+    "data.train_split": Text, "data.val_split": Optional[Text], "data.test_split": Optional[Text],
+    "data.val_fraction": Annotated[float, Field(gt=0, lt=1)], "data.label_fraction": Fraction01,
+    "data.n_train": NonNeg, "data.n_val": NonNeg, "data.n_test": NonNeg, "data.augment": StrictBool,
+    "optim.lr": NonNegFloat, "optim.layer_decay": Fraction01,
+    "run.eval_batch_size": Count, "run.eval_every": Count, "run.select_metric": Text,
+}
+_ADAPTERS: dict = {}
+
+
+def _get(cfg: dict, key: str):
+    for k in key.split("."):
+        cfg = cfg[k]
+    return cfg
+
+
+def validate_config(cfg: dict) -> None:
+    """Check every value's type and range; one ConfigError listing each bad key with why."""
+    table = PRETRAIN_TYPES if cfg.get("task", "pretrain") == "pretrain" else FINETUNE_TYPES
+    bad = []
+    for key, kind in table.items():
+        try:
+            value = _get(cfg, key)
+        except (KeyError, TypeError):
+            continue
+        adapter = _ADAPTERS.get(id(kind)) or _ADAPTERS.setdefault(id(kind), TypeAdapter(kind))
+        try:
+            adapter.validate_python(value, strict=True)
+        except ValidationError as e:
+            why = "; ".join(err["msg"] for err in e.errors()[:2])
+            bad.append(f"{key}={value!r}: {why}")
+    if bad:
+        raise ConfigError(f"invalid config value{'s' if len(bad) > 1 else ''}:\n  " + "\n  ".join(bad))
+
+
 def defaults_for(task: str) -> dict:
     """The known keys and defaults of a config for ``task`` ('pretrain' or a fine-tuning task)."""
     if task == "pretrain":
@@ -153,23 +227,33 @@ def _coerce(value, default, name: str, source: str):
 
 
 def _check_known(cfg: dict, defaults: dict, prefix: str = "", source: str = "config",
-                 root: Optional[dict] = None) -> None:
-    """Raise on unknown keys (naming the closest known one); coerce numeric strings in place."""
+                 root: Optional[dict] = None, errors: Optional[list] = None) -> list:
+    """Collect unknown keys (naming the closest known one) into ``errors``; coerce numeric strings
+    in place. Raises one ConfigError listing them all when called without ``errors``."""
     root = defaults if root is None else root
+    top = errors is None
+    errors = [] if top else errors
     for key, value in list(cfg.items()):
-        full = prefix + key
+        full = prefix + str(key)
         if prefix == "model.":
             continue                          # model keys are validated by EchoFMConfig
         if key not in defaults:
             close = difflib.get_close_matches(full, _all_keys(root), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"{source}: unknown key {full!r}{hint}")
-        if isinstance(defaults[key], dict):
+            errors.append(f"{source}: unknown key {full!r}{hint}")
+        elif isinstance(defaults[key], dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"{source}: {full!r} must be a mapping")
-            _check_known(value, defaults[key], full + ".", source, root)
+                errors.append(f"{source}: {full!r} must be a mapping")
+            else:
+                _check_known(value, defaults[key], full + ".", source, root, errors)
         else:
-            cfg[key] = _coerce(value, defaults[key], full, source)
+            try:
+                cfg[key] = _coerce(value, defaults[key], full, source)
+            except ConfigError as e:
+                errors.append(str(e))
+    if top and errors:
+        raise ConfigError("\n  ".join(errors))
+    return errors
 
 
 def _merge(base: dict, update: dict) -> dict:
@@ -184,7 +268,31 @@ def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"override {text!r} is not of the form key=value")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
+
+
+def _yaml_problem(e: Exception) -> str:
+    """A YAML error in one line: what is wrong and where (line/column, 1-based)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + str(getattr(e, "problem", None) or e).splitlines()[0]
+
+
+def read_yaml(path: Union[str, Path]) -> dict:
+    """A config file as a mapping; ConfigError naming the file for bad YAML or a non-mapping."""
+    path = Path(path)
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(e)})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(path: Union[str, Path, None] = None, overrides: list[str] = ()) -> dict:
@@ -196,9 +304,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: list[str] = ()) 
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(loaded).__name__}")
+        loaded = read_yaml(path)
     updates = []
     for text in overrides:
         keys, value = parse_override(text)
@@ -207,14 +313,20 @@ def load_config(path: Union[str, Path, None] = None, overrides: list[str] = ()) 
             update = {k: update}
         updates.append(update)
     task = next((u["task"] for u in reversed(updates) if "task" in u), loaded.get("task", "pretrain"))
+    if not isinstance(task, str):
+        raise ConfigError(f"task must be a name, got {task!r}")
     defaults = defaults_for(task)
     cfg = copy.deepcopy(defaults)
+    errors: list = []
     if loaded:
-        _check_known(loaded, defaults, source=str(path))
+        _check_known(loaded, defaults, source=str(path), errors=errors)
         cfg = _merge(cfg, loaded)
     for update in updates:
-        _check_known(update, defaults, source="override")
+        _check_known(update, defaults, source="override", errors=errors)
         cfg = _merge(cfg, update)
+    if errors:
+        raise ConfigError("\n  ".join(errors))
+    validate_config(cfg)
     if isinstance(cfg.get("init_from"), str) and cfg["init_from"].startswith("models:"):
         from ..models.registry import resolve_ref      # `init_from: models:echofm-vitl` -> checked file
 

@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import sys
+import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..atomic import LockedError
 from ..data.labels import AR_VIEWS
 from ..models.checkpoint import CheckpointError
 from ..models.heads import (EchoFMClassifier, EchoFMFrameSegmenter, EchoFMMultiView, EchoFMRegressor,
@@ -197,6 +199,17 @@ def _trainable_keys(model: EncoderModel) -> list[str]:
 
 def run(cfg: dict, resume: bool = False, progress: bool = True,
         on_step: Optional[Callable[[int], None]] = None) -> dict:
+    """:func:`_run` holding the run folder's lock (rank 0 only under torchrun)."""
+    lock = checkpointing.run_lock(cfg["run"]["out"], "fine-tuning") if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return _run(cfg, resume, progress, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: dict, resume: bool = False, progress: bool = True,
+         on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Fine-tune ``cfg['task']`` as ``cfg`` says (the loaded config dict); returns the final metrics
     (also ``<run.out>/metrics.json``). ``resume`` continues from the newest checkpoint in
     ``run.out``; ``on_step(step)`` is called after every step (tests use it to interrupt a run)."""
@@ -376,6 +389,12 @@ def cli(argv) -> int:
     try:
         cfg = load_config(a.config, a.overrides)
         metrics = run(cfg, resume=a.resume, progress=not a.no_progress)
+    except LockedError as e:     # exit 2: usage error, nothing ran
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ConfigError as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        return 2
     except (KeyError, ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {msg}", file=sys.stderr)

@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader
 from ..models import EchoFM, build_echofm, save_pretrained
 from ..models.checkpoint import CheckpointError, init_from_checkpoint
 from . import checkpointing, distributed
-from .config import dump_config, load_config
+from ..atomic import LockedError
+from .config import ConfigError, dump_config, load_config
 from .data import Indexed, PhantomClips, StepBatchSampler, item_seed
 from .optim import build_optimizer, build_scheduler
 
@@ -115,9 +116,13 @@ def pretrain(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
     """Run (or continue) pretraining as ``cfg`` says; returns a summary (also ``summary.json``)."""
     run = cfg["run"]
     info = distributed.setup(run["device"])
+    lock = None
     try:
+        lock = checkpointing.run_lock(run["out"], "pretraining") if info.is_main else None
         return _pretrain(cfg, info, resume, progress)
     finally:
+        if lock is not None:
+            lock.release()
         distributed.cleanup()
 
 
@@ -277,6 +282,9 @@ def cli(argv) -> int:
     try:
         cfg = load_config(a.config, a.overrides)
         summary = pretrain(cfg, resume=a.resume, progress=not a.no_progress)
+    except (ConfigError, LockedError) as e:     # exit 2: usage/config error, nothing ran
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (KeyError, ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
