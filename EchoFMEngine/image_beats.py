@@ -193,13 +193,15 @@ def beats_from_signal(v: np.ndarray, fps: float, period: Optional[float] = None)
         return found
     usual = float(np.median([b["amp"] for b in strokes]))
     reach = int(round(0.6 * period))
+    noise = noise_level(v)
+    pending = None  # an ES after the last stroke that the clip may cut
     for i, b in enumerate(strokes):
         p, amp = b["p"], b["amp"]
         conf = float(np.clip(amp / usual, 0.0, 1.0) * np.clip(quality / 0.6, 0.0, 1.0))
         lo = max(0, p - reach, found.es[-1] + 1 if found.es else 0)
         w = s[lo: p + 1]
         cut = lo == 0 and p - reach < 0  # the clip may start after this beat's ED
-        if not (cut and (int(np.argmax(w)) < 1 or amp < 0.7 * usual)):
+        if not (cut and (int(np.argmax(w)) < 1 or amp < 0.5 * usual)):
             found.ed.append(_top_before(s, lo, p, 0.1 * amp))
             found.ed_confidence.append(round(conf, 3))
         hi = min(T - 1, p + reach, strokes[i + 1]["p"] if i + 1 < len(strokes) else T - 1)
@@ -208,25 +210,37 @@ def beats_from_signal(v: np.ndarray, fps: float, period: Optional[float] = None)
         if g < T - 2 and (refill >= 0.3 * amp or i + 1 < len(strokes)):  # the clip shows the bottom
             found.es.append(g)
             found.es_confidence.append(round(conf, 3))
-    _trailing_ed(s, found, usual, quality)
+        elif g < T - 1 and refill > 2 * noise:
+            pending = (g, conf)
+    _edge_events(s, found, usual, quality, noise, pending, max(1, int(round(0.08 * fps))))
     return found
 
 
-def _trailing_ed(s: np.ndarray, found: ImageBeats, usual: float, quality: float) -> None:
-    """An ED after the last ES whose downstroke the clip cuts: kept when the signal climbs back
-    to the usual ED level and has started to fall (the top is inside the clip)."""
+def _edge_events(s: np.ndarray, found: ImageBeats, usual: float, quality: float, noise: float,
+                 pending, min_gap: int) -> None:
+    """Events the clip's ends cut from their strokes, kept at half confidence where the clip shows
+    the extremum at the usual level: an ES before the first ED (the clip starts in systole), an ES
+    whose refilling the clip's end cuts, and an ED after the last ES whose stroke it cuts."""
     T = s.size
-    if not found.es or not found.ed or found.ed[-1] > found.es[-1]:
-        return
-    start = found.es[-1] + 1
-    if T - start < 3:
-        return
-    m = start + int(np.argmax(s[start:]))
-    level = float(np.median(s[found.ed]))
-    if m < T - 1 and s[m] >= level - 0.15 * usual and s[m] - s[-1] >= 0.05 * usual \
-            and (m - found.ed[-1]) >= 0.8 * (found.period_frames or 0):
-        found.ed.append(m)
-        found.ed_confidence.append(round(0.5 * float(np.clip(quality / 0.6, 0.0, 1.0)), 3))
+    half = round(0.5 * float(np.clip(quality / 0.6, 0.0, 1.0)), 3)
+    ed_level = float(np.median(s[found.ed])) if found.ed else float(s.max())
+    es_level = float(np.median(s[found.es])) if found.es else ed_level - usual
+    if pending is not None and s[pending[0]] <= es_level + 0.1 * usual:
+        found.es.append(int(pending[0]))
+        found.es_confidence.append(half)
+    if found.ed and (not found.es or found.es[0] > found.ed[0]) and found.ed[0] >= 3:
+        g = int(np.argmin(s[: found.ed[0]]))
+        if 1 <= g <= found.ed[0] - min_gap and s[g] <= es_level + 0.15 * usual \
+                and s[found.ed[0]] - s[g] >= 0.5 * usual:
+            found.es.insert(0, g)
+            found.es_confidence.insert(0, half)
+    if found.es and found.ed and found.ed[-1] < found.es[-1] and T - found.es[-1] > 3:
+        m = found.es[-1] + 1 + int(np.argmax(s[found.es[-1] + 1:]))
+        reached = s[m] >= ed_level - 0.05 * usual or (s[m] >= ed_level - 0.15 * usual and s[m] - s[-1] >= 2 * noise)
+        if m < T - 1 and reached \
+                and m - found.ed[-1] >= 0.8 * (found.period_frames or 0) and m - found.es[-1] >= min_gap:
+            found.ed.append(m)
+            found.ed_confidence.append(half)
 
 
 def detect_image_beats(cine: Cine) -> ImageBeats:
