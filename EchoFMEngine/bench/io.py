@@ -180,7 +180,9 @@ def format_table(rows: list[dict]) -> str:
 
 def cli(argv: list[str]) -> int:
     """Entry point of ``bench io``."""
-    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine bench io", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine bench io", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example:\n  python -m EchoFMEngine bench io --quick")
     ap.add_argument("--repeat", type=int, default=3, help="timed reads per file (best is reported)")
     ap.add_argument("--quick", action="store_true", help="small clips (a few seconds in all)")
     ap.add_argument("--json", type=Path, help="also write the result rows to this JSON file")

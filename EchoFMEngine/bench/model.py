@@ -82,19 +82,21 @@ def make_step(model, video, amp_dtype, mask_ratio):
 
 def cli(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m EchoFMEngine bench model", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example:\n  python -m EchoFMEngine bench model --preset tiny --steps 2")
     ap.add_argument("--preset", default=None, help="tiny | vit_s | vit_b | vit_l (default: the CPU target config)")
-    ap.add_argument("--frames", type=int, default=None)
-    ap.add_argument("--size", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--frames", type=int, default=None, help="frames per clip (default: the preset's)")
+    ap.add_argument("--size", type=int, default=None, help="square image size in pixels (default: the preset's)")
+    ap.add_argument("--batch", type=int, default=4, help="clips per step (default 4)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
                     help="autocast dtype (auto: bf16 on CUDA, none on CPU)")
     ap.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ap.add_argument("--contrastive", default=None, choices=["triplet", "pixel", "none"])
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--mask-ratio", type=float, default=0.75)
+    ap.add_argument("--contrastive", default=None, choices=["triplet", "pixel", "none"],
+                    help="contrastive loss next to reconstruction (default: the preset's)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps (default 5)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    ap.add_argument("--mask-ratio", type=float, default=0.75, help="share of tubelets masked (default 0.75)")
     ap.add_argument("--compare-reference", action="store_true",
                     help="also time the naive released-layout model and print the ratio")
     ap.add_argument("--json", default=None, help="write the results to this JSON file")

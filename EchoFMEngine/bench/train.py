@@ -88,20 +88,21 @@ def loader_clips_per_s(frames: int, size: int, batch: int, workers: int, n_clips
 
 def cli(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m EchoFMEngine bench train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example:\n  python -m EchoFMEngine bench train --preset tiny --steps 2")
     ap.add_argument("--preset", default=None, help="tiny | vit_s | vit_b | vit_l (default: the CPU bench config)")
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--device", default="auto")
+    ap.add_argument("--batch", type=int, default=4, help="clips per step (default 4)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
     ap.add_argument("--amp", default="auto", help="comma list of fp32,bf16,fp16 (auto: bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--compile", action="store_true", help="also time each amp setting with torch.compile")
     ap.add_argument("--compile-mode", default="default",
                     help="torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune")
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per setting (default 5)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2; +3 when compiled)")
     ap.add_argument("--loader-workers", type=int, default=None,
                     help="also measure clips/s from a prepared cache with this many DataLoader workers")
-    ap.add_argument("--loader-clips", type=int, default=96)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--loader-clips", type=int, default=96, help="clips in the cache the loader reads (default 96)")
+    ap.add_argument("--json", default=None, help="write the results to this JSON file")
     a = ap.parse_args(argv)
 
     device = resolve_device(a.device)

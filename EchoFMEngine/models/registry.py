@@ -172,8 +172,15 @@ class ModelStore:
         """``{task: why}`` for each task without weights in this store."""
         have = self.entries()
         return {t: f"no fine-tuned '{t}' model ({TASK_HELP.get(t, t)}) in {self.folder}; add one with "
-                   f"`python -m EchoFMEngine models import FILE --task {t}`"
+                   f"`{self.import_command(t)}`"
                 for t in tasks if t not in have}
+
+    def import_command(self, task: str, file: str = "FILE") -> str:
+        """The exact shell command that imports ``file`` for ``task`` into this folder."""
+        import shlex
+
+        return (f"python -m EchoFMEngine models import {file} --task {task} "
+                f"--folder {shlex.quote(str(self.folder))}")
 
     # ------------------------------------------------------------------ import
     def import_file(self, path: Union[str, Path], task: Optional[str] = None) -> dict:
@@ -231,15 +238,30 @@ def resolve_ref(value, folder: Union[str, Path, None] = None):
 
 # ---------------------------------------------------------------------- CLI
 def cli(argv: Sequence[str]) -> int:
-    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine models",
-                                 description="the local models folder (no downloads)")
-    ap.add_argument("--folder", default=None, help=f"models folder (default ${ENV_VAR} or ~/.echofm/models)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("list", help="tasks, files and checksums in the folder")
-    imp = sub.add_parser("import", help="add a local fine-tuned weights file for a task")
-    imp.add_argument("file")
-    imp.add_argument("--task", choices=TASKS, default=None, help="must match the checkpoint's own task")
-    sub.add_parser("verify", help="check every file against its recorded SHA-256")
+    raw = argparse.RawDescriptionHelpFormatter
+    folder_help = f"models folder (default ${ENV_VAR} or ~/.echofm/models); --models is the same option"
+    demo = "runs/demo/models"  # the folder `python train.py` (the demo) fills
+    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine models", formatter_class=raw,
+                                 description="The local models folder: which fine-tuned weights file serves "
+                                             "which task, with SHA-256 checksums (no downloads).",
+                                 epilog=f"example (after `python train.py`):\n"
+                                        f"  python -m EchoFMEngine models list --folder {demo}")
+    ap.add_argument("--folder", "--models", dest="folder", default=None, help=folder_help)
+    sub = ap.add_subparsers(dest="cmd", required=True, title="commands")
+    sub.add_parser("list", help="tasks, files and checksums in the folder", formatter_class=raw,
+                   description="List the task -> weights file entries of the models folder.",
+                   epilog=f"example:\n  python -m EchoFMEngine models list --folder {demo}")
+    imp = sub.add_parser("import", help="add a local fine-tuned weights file for a task", formatter_class=raw,
+                         description="Copy a fine-tuned checkpoint (a folder written by fine-tuning, or its "
+                                     ".safetensors file) into the models folder for its task.",
+                         epilog=f"example (after `python train.py`):\n  python -m EchoFMEngine models import "
+                                f"runs/demo/segment/model --task segment --folder {demo}")
+    imp.add_argument("file", help="checkpoint folder (e.g. runs/finetune_segment/model) or .safetensors file")
+    imp.add_argument("--task", choices=TASKS, default=None,
+                     help="task to serve; must match the checkpoint's own task (default: the checkpoint's)")
+    sub.add_parser("verify", help="check every file against its recorded SHA-256", formatter_class=raw,
+                   description="Check every listed weights file against its recorded SHA-256.",
+                   epilog=f"example:\n  python -m EchoFMEngine models verify --folder {demo}")
     dl = sub.add_parser("download", help="the released EchoFM weights from the Hugging Face Hub (after licence "
                                          "acceptance)", formatter_class=argparse.RawDescriptionHelpFormatter,
                         description="Show the licence, download through huggingface_hub once accepted, check, "
@@ -251,6 +273,9 @@ def cli(argv: Sequence[str]) -> int:
                     help="accept the licence (CC-BY-NC-ND 4.0, non-commercial research only) without a prompt")
     dl.add_argument("--folder", "--models", dest="folder", default=argparse.SUPPRESS,
                     help=f"models folder to import into (default ${ENV_VAR} or ~/.echofm/models)")
+    for p in sub.choices.values():  # the shared option also after the subcommand: `models import F --folder D`
+        if "--folder" not in p._option_string_actions:
+            p.add_argument("--folder", "--models", dest="folder", default=argparse.SUPPRESS, help=folder_help)
     a = ap.parse_args(list(argv))
     if a.cmd == "download":
         from .hub import cli_download
