@@ -655,7 +655,9 @@ class EchoFMLogic:
     def describe_analysis(result: dict) -> str:
         lines = []
         if result.get("flags"):
-            lines.append("Flags: " + "; ".join(result["flags"]))
+            lines.append("Flags: " + "; ".join(                     # strings, or {"name", "reason"} records
+                f if isinstance(f, str) else ": ".join(str(f[k]) for k in ("name", "reason") if f.get(k))
+                for f in result["flags"]))
         needs = {k: v for k, v in (result.get("needs") or {}).items() if k not in ("as", "ar")}
         if needs:
             lines.append("Not computed: " + "; ".join(f"{k} ({v})" for k, v in needs.items()))
