@@ -143,6 +143,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.createMasksButton.connect("clicked(bool)", self.onCreateMasks)
         self.ui.showAICheckBox.connect("toggled(bool)", self.onShowAI)
         self.ui.measureButton.connect("clicked(bool)", self.onMeasure)
+        self.ui.propagateButton.connect("clicked(bool)", self.onPropagate)
         self.ui.exportButton.connect("clicked(bool)", self.onExport)
         self.ui.finetuneButton.connect("clicked(bool)", self.onFinetune)
         self.ui.importWeightsButton.connect("clicked(bool)", self.onImportWeights)
@@ -236,10 +237,12 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.resetCorrectionButton.enabled = hasMasks
         self.ui.createMasksButton.enabled = hasCine
         self.ui.measureButton.enabled = hasMasks and hasCine
+        self.ui.propagateButton.enabled = (hasCine and not busy and not getattr(self, "_propagating", False)
+                                           and (p.edSegmentation is not None or p.esSegmentation is not None))
         self.ui.exportButton.enabled = hasMasks and hasCine
         self.ui.finetuneButton.enabled = not busy
         self.ui.importWeightsButton.enabled = not busy and str(p.importWeightsFile) not in ("", ".")
-        self.ui.cancelButton.enabled = busy
+        self.ui.cancelButton.enabled = busy or getattr(self, "_propagating", False)
         self._updateFrameRange()
         if p.inputBrowser is not self._observedBrowser:
             self._observeBrowser(p.inputBrowser)
@@ -447,6 +450,35 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             m, table = self.logic.measure(p.inputBrowser, p.edSegmentation, p.esSegmentation, p.analysisFolder)
             self._showMeasurements(table, m)
 
+    def onPropagate(self) -> None:
+        """Track the ED/ES masks through every frame (in this process: progress here, Cancel stops it)."""
+        if not self._requirePackages():
+            return
+        from EchoFMEngine.propagate import PropagationCancelled
+        p = self._parameterNode
+        segs = [s for s in (p.edSegmentation, p.esSegmentation) if s is not None]
+        self._propagating, self._propagateCancel = True, False
+        self.updateGUIFromParameterNode()
+
+        def progress(fraction, message):
+            self.ui.progressBar.value = int(round(100 * fraction))
+            self.ui.statusLabel.text = f"Propagate: {message}"
+            slicer.app.processEvents()                  # keeps the panel live, Cancel clickable
+
+        try:
+            with slicer.util.tryWithErrorDisplay("Failed to propagate the masks."):
+                try:
+                    result = self.logic.propagate(p.inputBrowser, segs, progress=progress,
+                                                  cancel=lambda: self._propagateCancel)
+                except PropagationCancelled:
+                    self.ui.statusLabel.text = "Propagate: cancelled (scene unchanged)"
+                    return
+                self.ui.statusLabel.text = "Propagate: done"
+                self._showMeasurements(result.table, result.measurements)
+        finally:
+            self._propagating = False
+            self.updateGUIFromParameterNode()
+
     def _showMeasurements(self, table, m: dict) -> None:
         self._lastMeasurements = m
         if table is not None:
@@ -538,6 +570,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 onSuccess()
 
     def onCancelJob(self) -> None:
+        self._propagateCancel = True                    # a running Propagate stops at its next frame
         if self._job is not None:
             with slicer.util.tryWithErrorDisplay("Failed to cancel."):
                 self.ui.statusLabel.text = f"{self._job[2]}: cancelling..."

@@ -41,7 +41,7 @@ def test_edit_one_frame_propagate_measure_undo(logic, study_file):
     ef_before = first.measurements["ef_percent"]
     truth = cardiac_measurements(study.masks, study.cine.spacing_mm, first.measurements["ed_frames"],
                                  first.measurements["es_frames"])
-    assert abs(ef_before - truth["ef_percent"]) <= 5.0          # the phantom's masks, same ED/ES
+    assert abs(ef_before - truth["ef_percent"]) <= 6.0          # the phantom's masks, same ED/ES (issue: 6)
     assert np.corrcoef(first.measurements["lv_volume"], truth["lv_volume"])[0, 1] >= 0.95
     logic.undo_propagation(nodes.browser)
 
@@ -89,6 +89,7 @@ def test_bad_input_leaves_the_scene_unchanged(logic, study_file):
         logic.propagate(nodes.browser, [empty_ed])
     with pytest.raises(ValueError, match="no drawn or corrected segmentation"):
         logic.propagate(nodes.browser, [])
+    assert node_count(logic.scene) == count
     from EchoFMEngine.propagate import PropagationCancelled
 
     ed_seg, _ = logic.ed_es_segmentations(nodes.browser, study.masks, ed, es)

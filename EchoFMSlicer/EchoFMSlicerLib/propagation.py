@@ -32,10 +32,11 @@ class PropagationResult:
     frame_sources: list
     measurements: dict
     nodes: list = field(default_factory=list)    # every node added (sequence, table, plot parts)
+    table: object = None                          # the measurements table node
 
 
 def known_frames(segs: Sequence, reference) -> dict:
-    """``{frame: label map}`` of segmentation nodes that carry their frame (EchoFM.frame)."""
+    """``{frame: label map}`` of the non-empty segmentation nodes (each carries its frame, EchoFM.frame)."""
     out = {}
     for seg in segs:
         if seg is None:
@@ -50,7 +51,10 @@ def known_frames(segs: Sequence, reference) -> dict:
         out[frame] = sn.segmentation_to_labels(seg, reference)
     if not out:
         raise ValueError("no drawn or corrected segmentation to propagate: draw the LV on a frame first")
-    return out
+    drawn = {f: m for f, m in out.items() if m.any()}   # an untouched empty ES next to a drawn ED is skipped
+    if not drawn:
+        raise ValueError(f"the segmentation(s) of frame(s) {sorted(out)} are empty: draw the LV on a frame first")
+    return drawn
 
 
 def measure_curve(cine, labels: np.ndarray) -> dict:
@@ -101,7 +105,7 @@ def propagate_segmentations(scene, cine_nodes, cine, segs: Sequence, logics: Opt
         table.SetAttribute("EchoFM.role", "measurements")
     made = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())
             if scene.GetNthNode(i).GetID() not in before]
-    return PropagationResult(seq, labels, sources, m, made)
+    return PropagationResult(seq, labels, sources, m, made, table)
 
 
 def undo_propagation(scene, result: PropagationResult, browser=None) -> None:
