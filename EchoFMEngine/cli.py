@@ -1,7 +1,7 @@
 """`python -m EchoFMEngine <command> ...`: one entry point, each command lives in its own module.
 
 Commands are imported lazily so that `--help` and light commands start fast.
-Each target is a function ``cli(argv: list[str]) -> int``.
+Each target is a module's ``cli(argv: list[str]) -> int`` (or ``module:function``).
 """
 from __future__ import annotations
 
@@ -10,20 +10,27 @@ import sys
 
 COMMANDS = {
     "phantom": ("EchoFMEngine.synthetic", "write phantom echo studies with known truth"),
-    "pretrain": ("EchoFMEngine.training.pretrain", "pretrain EchoFM (same as train.py)"),
+    "pretrain": ("EchoFMEngine.training.pretrain", "pretrain EchoFM from a config (same as train.py --config)"),
     "prepare": ("EchoFMEngine.data.prepare", "cut full-cycle clips from a tree of studies into a cache"),
-    "bench": ("EchoFMEngine.bench", "benchmarks: model, io, train, analyze"),
+    "bench": ("EchoFMEngine.bench", "speed and memory benchmarks (bench --help lists each with its options)"),
     "info": ("EchoFMEngine.models.checkpoint", "describe a checkpoint file"),
-    "finetune": ("EchoFMEngine.training.entry", "fine-tune a downstream task (same as train.py --config)"),
+    "finetune": ("EchoFMEngine.training.entry:finetune_cli", "fine-tune a downstream task (same as train.py --config)"),
     "evaluate": ("EchoFMEngine.evaluation.evaluate", "evaluate a fine-tuned checkpoint: metrics.json + figures"),
+    "phase": ("EchoFMEngine.phase_strip", "ED/ES of every beat: a phase-strip PNG and a JSON per cine"),
     "analyze": ("EchoFMEngine.analysis", "analyse cine loops: view, ED/ES, masks, volumes, EF, scores"),
     "models": ("EchoFMEngine.models.registry", "the local models folder: list, import a weights file"),
 }
 
 
 def _usage() -> str:
-    lines = ["usage: python -m EchoFMEngine <command> [options]", "", "commands:"]
+    lines = ["usage: python -m EchoFMEngine COMMAND [options]      (options after the command)", "",
+             "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "`python -m EchoFMEngine COMMAND --help` describes every option of a command.",
+              "Shared options mean the same everywhere: --out (output folder), --device (auto | cpu | cuda),",
+              "--models / --folder (models folder, default $ECHOFM_MODELS or ~/.echofm/models).",
+              "`python train.py` (no arguments) runs the demo; `python train.py --help` explains configs.", "",
+              "example:", "  python -m EchoFMEngine phantom --out phantoms --n 2"]
     return "\n".join(lines)
 
 
@@ -36,5 +43,5 @@ def main(argv=None) -> int:
     if name not in COMMANDS:
         print(f"unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.cli(rest) or 0)
+    module_name, _, function = COMMANDS[name][0].partition(":")  # "module" (its cli) or "module:function"
+    return int(getattr(importlib.import_module(module_name), function or "cli")(rest) or 0)

@@ -338,13 +338,13 @@ def cli(argv) -> int:
                                  description="Analyse cine loops (DICOM, AVI/MP4, NRRD, ...): view, ED/ES, masks, "
                                              "volumes, EF and scores, one folder per study plus results.csv.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="example:\n  python -m EchoFMEngine phantom --out phantoms --n 2\n"
+                                 epilog="Re-running the same command into the same --out resumes (complete studies are\n"
+                                        "skipped). Exit status: 0 all done, 1 some studies failed or the run stopped\n"
+                                        "(disk full), 2 usage or output-folder error.\n\n"
+                                        "example:\n  python -m EchoFMEngine phantom --out phantoms --n 2\n"
                                         "  python -m EchoFMEngine analyze phantoms --out analysis "
                                         "--models runs/demo/models\n"
-                                        "  torchrun --nproc-per-node 2 -m EchoFMEngine analyze phantoms --out analysis\n\n"
-                                        "Re-running the same command into the same --out resumes (complete studies are\n"
-                                        "skipped). Exit status: 0 all done, 1 some studies failed or the run stopped\n"
-                                        "(disk full), 2 usage or output-folder error.")
+                                        "  torchrun --nproc-per-node 2 -m EchoFMEngine analyze phantoms --out analysis")
     ap.add_argument("paths", nargs="+", help="cine files, folders of them, glob patterns ('scans/*.dcm', quoted) "
                                              "or a .csv/.txt list of paths")
     ap.add_argument("--out", required=True, help="output folder (one sub-folder per study + results.csv)")

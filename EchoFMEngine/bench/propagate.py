@@ -63,7 +63,8 @@ def run_case(case: str, frames: int) -> dict:
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m EchoFMEngine bench propagate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  python -m EchoFMEngine bench propagate --case echonet --frames 50")
     p.add_argument("--case", choices=CASES + ("all",), default="all", help="which cine (default: all)")
     p.add_argument("--frames", type=int, default=200, help="frames of the echonet case (default 200)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")

@@ -119,8 +119,10 @@ def prepare(src, out, frames: int = 32, size: int = 224, workers: int = 1, shard
 
 
 def _parse(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m EchoFMEngine prepare",
-                                description="Cut full-cycle clips from a tree of echo studies into a clip cache.")
+    p = argparse.ArgumentParser(prog="python -m EchoFMEngine prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                description="Cut full-cycle clips from a tree of echo studies into a clip cache.",
+                                epilog="example:\n  python -m EchoFMEngine phantom --out phantoms --n 4\n"
+                                       "  python -m EchoFMEngine prepare phantoms --out cache --frames 16 --size 64")
     p.add_argument("src", help="folder of DICOM / AVI / MP4 / NRRD / NIfTI cines (searched recursively)")
     p.add_argument("--out", required=True, help="cache folder (created; re-running resumes it)")
     p.add_argument("--workers", type=int, default=max(1, min(4, os.cpu_count() or 1)),

@@ -164,16 +164,23 @@ def _key_values(pairs: list[str]) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine evaluate",
-                                 description="Evaluate a fine-tuned checkpoint: metrics.json with 95 % bootstrap "
-                                             "CIs, predictions.csv and figures. Also: evaluate label-efficiency ...")
-    ap.add_argument("--task", required=True, choices=TASKS)
+    ap = argparse.ArgumentParser(
+        prog="python -m EchoFMEngine evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        usage="python -m EchoFMEngine evaluate --task TASK --checkpoint CKPT --data DATA --out DIR [options]\n"
+              "       python -m EchoFMEngine evaluate label-efficiency --config FILE --out DIR [options]",
+        description="Evaluate a fine-tuned checkpoint: metrics.json with 95 % bootstrap CIs, predictions.csv "
+                    "and figures.\n\ncommands:\n  label-efficiency  fine-tune on growing label fractions and "
+                    "evaluate each (`evaluate label-efficiency --help`)",
+        epilog="example (after `python train.py --config Resources/configs/finetune_view.yaml run.out=runs/view`):\n"
+               "  python -m EchoFMEngine evaluate --task view --checkpoint runs/view/model --data phantom:16 "
+               "--out runs/view/eval")
+    ap.add_argument("--task", required=True, choices=TASKS, help="the checkpoint's task")
     ap.add_argument("--checkpoint", required=True, help="checkpoint folder (model.safetensors + config.json) or file")
     ap.add_argument("--data", required=True, help="phantom:N, or NAME:ROOT with NAME a registry dataset (camus, ...)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", default="test", help="split of --data NAME:ROOT to evaluate (default test)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=4, help="clips per forward pass (default 4)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--workers", type=int, default=0, help="data-loading processes for datasets")

@@ -147,17 +147,22 @@ def run(config, fractions: Sequence[float], out, overrides: Sequence[str] = (), 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m EchoFMEngine evaluate label-efficiency",
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                  description="Fine-tune one task on growing fractions of its labels and evaluate "
-                                             "each on the same held-out set: label_efficiency.json + plot.")
+                                             "each on the same held-out set: label_efficiency.json + plot.",
+                                 epilog="example (a quick look):\n  python -m EchoFMEngine evaluate label-efficiency "
+                                        "--config Resources/configs/finetune_view.yaml --fractions 0.25,1 "
+                                        "--out runs/le_quick --bootstrap 0 run.steps=5")
     ap.add_argument("--config", required=True, help="a fine-tuning config (Resources/configs/finetune_*.yaml)")
-    ap.add_argument("--fractions", default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS))
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--fractions", default=",".join(f"{f:g}" for f in DEFAULT_FRACTIONS),
+                    help="comma-separated label fractions in (0, 1] (default %(default)s)")
+    ap.add_argument("--out", required=True, help="output folder (one run per fraction + label_efficiency.json)")
     ap.add_argument("--data", default=None, help="held-out set: phantom:N or NAME:ROOT (default: phantom:<n_test> "
                                                  "for phantom configs, else the config's test split)")
     ap.add_argument("--split", default="test", help="split of --data NAME:ROOT")
     ap.add_argument("--metric", default=None, help="path into the evaluation's metrics, e.g. f1 or severe.auroc")
     ap.add_argument("--device", default=None, help="evaluation device (default: the config's run.device)")
-    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (0: no intervals)")
     ap.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     ap.add_argument("--progress", action="store_true", help="show the training progress bars")
     ap.add_argument("overrides", nargs="*", help="config overrides key=value (not data.label_fraction / run.out)")

@@ -279,8 +279,11 @@ def load_pretrained(path: Union[str, Path], map_location="cpu", strict: bool = T
 
 def cli(argv) -> int:
     """`python -m EchoFMEngine info FILE`: describe a checkpoint (ours or a released one)."""
-    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine info", description=cli.__doc__)
-    ap.add_argument("path")
+    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine info", description=cli.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example (after `python train.py`):\n"
+                                        "  python -m EchoFMEngine info runs/demo/pretrain/model")
+    ap.add_argument("path", help="our model folder or .safetensors file, or a released EchoFM .pth checkpoint")
     a = ap.parse_args(argv)
     try:
         if str(a.path).endswith(".safetensors") or Path(a.path).is_dir():

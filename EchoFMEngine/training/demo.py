@@ -250,11 +250,15 @@ def run_demo(out: Path, overrides: list[str] = (), progress: bool = True) -> dic
 
 
 def cli(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python train.py", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python train.py demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="example (a quick look, about a minute):\n  python train.py demo --out "
+                                        "runs/demo_quick run.steps=5 segment.steps=5")
     ap.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
-    ap.add_argument("--no-progress", action="store_true")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides of Resources/configs/demo.yaml")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value",
+                    help="overrides of Resources/configs/demo.yaml (run.steps=50) and of the segmentation "
+                         f"step (segment.KEY=VALUE, KEY one of {', '.join(SEGMENT_DEFAULTS)})")
     a = ap.parse_intermixed_args(argv)
     metrics = run_demo(Path(a.out), a.overrides, progress=not a.no_progress)
     print(json.dumps(metrics, indent=2))

@@ -1,16 +1,70 @@
-"""Dispatch a training config to its loop by its ``task`` key: pretraining or a fine-tuning task."""
+"""Dispatch a training config to its loop by its ``task`` key: pretraining or a fine-tuning task.
+
+Also the ``--help`` of ``python train.py``: what a bare run does (the demo), which configs exist,
+how overrides and resuming work."""
 from __future__ import annotations
 
+import argparse
 import sys
+from pathlib import Path
 
 from .config import FINETUNE_TASKS, ConfigError, read_yaml
 
 LOOPS = {"pretrain": "EchoFMEngine.training.pretrain",
          **{task: "EchoFMEngine.training.finetune" for task in FINETUNE_TASKS}}
+CONFIGS = Path(__file__).resolve().parents[2] / "Resources" / "configs"
+
+TRAIN_DESCRIPTION = """\
+EchoFM training entry point (plain Python, torchrun, or headless 3D Slicer).
+
+  python train.py                 the demo: phantom studies -> pretrain a tiny EchoFM -> fine-tune a
+                                  segmentation head -> analyse a held-out phantom DICOM; writes runs/demo/
+                                  (a few minutes on a 2-core CPU; `python train.py demo --help` for its options)
+  python train.py --config FILE   run one config: its `task:` key picks the loop, pretraining (task: pretrain)
+                                  or fine-tuning (task: view | segment | as | ar | ef)
+
+A config is a YAML file; key=value arguments override any of its keys (run.steps=50 head.mode=frozen;
+an unknown key is refused with the closest known one). `--config FILE --help` shows that loop's options.
+Exit status: 0 success, 1 run error, 2 bad config or arguments, 3 missing packages."""
+
+
+def _config_list() -> str:
+    """One line per shipped config: file and task."""
+    rows = []
+    for f in sorted(CONFIGS.glob("*.yaml")):
+        try:
+            task = read_yaml(f).get("task", "pretrain")
+        except (OSError, ConfigError):
+            task = "?"
+        rows.append(f"  {'Resources/configs/' + f.name:<48} task: {task}")
+    return "\n".join(rows)
+
+
+def train_parser() -> argparse.ArgumentParser:
+    """The parser behind `python train.py --help` (dispatch itself reads only --config)."""
+    ap = argparse.ArgumentParser(
+        prog="python train.py", usage="python train.py [demo [DEMO OPTIONS] | --config FILE [--resume] "
+                                      "[--no-progress] [key=value ...]]",
+        description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="configs:\n" + _config_list() + "\n\nexamples:\n"
+               "  python train.py --config Resources/configs/demo.yaml run.steps=5 run.out=runs/quick\n"
+               "  python train.py --config Resources/configs/finetune_view.yaml run.steps=5 run.out=runs/view\n"
+               "  torchrun --nproc_per_node=8 train.py --config Resources/configs/pretrain_vitl_paper.yaml "
+               "data.root=CACHE\n"
+               "  Slicer --no-main-window --python-script train.py --config Resources/configs/demo.yaml")
+    ap.add_argument("--config", metavar="FILE", help="YAML config; its task: key chooses pretraining or fine-tuning")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
+    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=50")
+    return ap
 
 
 def cli(argv: list[str]) -> int:
     """`train.py --config X.yaml ...`: read the task from the config (default pretrain) and run it."""
+    argv = list(argv)
+    if "--config" not in argv and ("-h" in argv or "--help" in argv):
+        train_parser().print_help()
+        return 0
     task = "pretrain"
     if "--config" in argv:
         i = argv.index("--config")
@@ -30,3 +84,23 @@ def cli(argv: list[str]) -> int:
         return 2
     import importlib
     return importlib.import_module(LOOPS[task]).cli(argv)
+
+
+def finetune_cli(argv: list[str]) -> int:
+    """`python -m EchoFMEngine finetune`: train.py's dispatch limited to fine-tuning configs
+    (its --help is the fine-tuning one; a pretraining config is sent to `pretrain`)."""
+    argv = list(argv)
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        try:
+            task = read_yaml(argv[argv.index("--config") + 1]).get("task", "pretrain")
+        except (OSError, ConfigError):
+            task = None                  # cli() reports the unreadable file
+        if task == "pretrain":
+            print(f"error: {argv[argv.index('--config') + 1]} is a pretraining config (task: pretrain); run it "
+                  f"with `python -m EchoFMEngine pretrain --config ...` or `python train.py --config ...`",
+                  file=sys.stderr)
+            return 2
+    elif "--config" not in argv:
+        from .finetune import cli as finetune
+        return finetune(argv)            # --help, or the view task on phantoms by default
+    return cli(argv)

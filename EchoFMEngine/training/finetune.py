@@ -17,7 +17,6 @@ import contextlib
 import json
 import math
 import sys
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -199,38 +198,58 @@ def _trainable_keys(model: EncoderModel) -> list[str]:
 
 def run(cfg: dict, resume: bool = False, progress: bool = True,
         on_step: Optional[Callable[[int], None]] = None) -> dict:
-    """:func:`_run` holding the run folder's lock (rank 0 only under torchrun)."""
-    lock = checkpointing.run_lock(cfg["run"]["out"], "fine-tuning") if int(os.environ.get("RANK", "0")) == 0 else None
-    try:
-        return _run(cfg, resume, progress, on_step)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def _run(cfg: dict, resume: bool = False, progress: bool = True,
-         on_step: Optional[Callable[[int], None]] = None) -> dict:
-    """Fine-tune ``cfg['task']`` as ``cfg`` says (the loaded config dict); returns the final metrics
-    (also ``<run.out>/metrics.json``). ``resume`` continues from the newest checkpoint in
-    ``run.out``; ``on_step(step)`` is called after every step (tests use it to interrupt a run)."""
+    """:func:`_run` in the process group torchrun describes (one process when not launched by it),
+    rank 0 holding the run folder's lock; a refused lock stops every rank."""
     task = cfg.get("task")
     if task not in FINETUNE_TASKS:
         raise ConfigError(f"task {task!r} is not a fine-tuning task {list(FINETUNE_TASKS)}")
+    info = distributed.setup(cfg["run"]["device"])
+    lock = None
+    try:
+        refused = None
+        if info.is_main:
+            try:
+                lock = checkpointing.run_lock(cfg["run"]["out"], "fine-tuning")
+            except LockedError as e:
+                refused = str(e)
+        refused = distributed.broadcast_object(refused, info)
+        if refused is not None:
+            raise LockedError(refused)
+        return _run(cfg, info, resume, progress, on_step)
+    finally:
+        if lock is not None:
+            lock.release()
+        distributed.cleanup()
+
+
+def _run(cfg: dict, info: distributed.DistInfo, resume: bool = False, progress: bool = True,
+         on_step: Optional[Callable[[int], None]] = None) -> dict:
+    """Fine-tune ``cfg['task']`` as ``cfg`` says (the loaded config dict); returns the final metrics
+    (also ``<run.out>/metrics.json``). ``resume`` continues from the newest checkpoint in
+    ``run.out``; ``on_step(step)`` is called after every step (tests use it to interrupt a run).
+
+    Under torchrun ``run.batch_size`` stays the global batch: each of N ranks takes its 1/N of the
+    very batch one process would take (DDP averages the gradients), so 1 and N processes follow
+    the same trajectory; validation and test cover the whole split; only rank 0 writes."""
+    task = cfg["task"]
     t_start = time.perf_counter()
     r, o, d = cfg["run"], cfg["optim"], cfg["data"]
     out = Path(r["out"])
-    device = distributed.resolve_device(r["device"])
+    device = info.device
+    main = info.is_main
     distributed.enable_fast_math(device)
     frames, size, frame_model = model_input(cfg)
     _frozen(cfg)
     data = build_task_data(task, d, frames, size, frame_model)
     model = build_task_model(cfg, data).to(device)
-    out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
 
     steps, seed = int(r["steps"]), int(r["seed"])
     optimizer = torch.optim.AdamW(param_groups(model, float(o["lr"]), float(o["weight_decay"]),
-                                               float(o["layer_decay"])), betas=tuple(o["betas"]))
+                                               float(o["layer_decay"])), betas=tuple(o["betas"]),
+                                  **({"fused": True} if device.type == "cuda" else {}))
     scheduler = build_scheduler(optimizer, steps, o)
     amp = _amp(r["amp"], device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -253,22 +272,32 @@ def _run(cfg: dict, resume: bool = False, progress: bool = True,
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            checkpointing.set_rng_state(state["rng"])
+            distributed.restore_rng_state(state["rng"], info)
             start, history, val_history, best = int(state["step"]), state["history"], state["val_history"], \
                 state["best"]
-            if progress:
+            if progress and main:
                 print(f"resuming from {state['path']} at step {start}")
-    log = RunLog(out, True, r["tensorboard"])
+    log = RunLog(out, main, r["tensorboard"])
     log.truncate_after(start)
 
-    bs = min(int(r["batch_size"]), len(data.train))
-    sampler = StepBatchSampler(len(data.train), bs, seed=seed, start_micro_step=start)
+    bs = min(int(r["batch_size"]), len(data.train))          # the global batch
+    if bs % info.world_size:
+        raise ConfigError(f"run.batch_size {bs} (the global batch) does not split over {info.world_size} "
+                          f"processes; use a multiple of {info.world_size}")
+    sampler = StepBatchSampler(len(data.train), bs // info.world_size, info.rank, info.world_size, seed=seed,
+                               start_micro_step=start)
     loader = DataLoader(data.train, batch_sampler=sampler, num_workers=int(d["num_workers"]), collate_fn=list,
                         persistent_workers=int(d["num_workers"]) > 0)
     batches = iter(loader)
+    forward = model
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                      find_unused_parameters=True)     # heads leave some encoder tensors unused
 
     def validate(step: int) -> None:
-        m = evaluate_task(model, task, data.val, int(r["eval_batch_size"]), device, autocast)
+        check_finite()
+        m = evaluate_task(model, task, data.val, int(r["eval_batch_size"]), device, autocast, info=info)
         if metric not in m:
             names = sorted(k for k, v in m.items() if isinstance(v, (int, float)))
             raise ConfigError(f"run.select_metric {metric!r} is not a validation metric of task {task!r}: {names}")
@@ -276,52 +305,78 @@ def _run(cfg: dict, resume: bool = False, progress: bool = True,
         best_loss = (best["metrics"] or {}).get("loss")
         if is_better(m.get(metric), best["score"], higher, m.get("loss"), best_loss):
             best.update(step=step, score=m.get(metric), metrics=json_safe(m), state=snapshot())
-        if progress:
+        if progress and main:
             print(f"  val step {step}: {metric} {m.get(metric)} (best {best['score']} at step {best['step']})",
                   flush=True)
 
     def save(step: int) -> None:
-        checkpointing.save_checkpoint(out, step, {
-            "task": task, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-            "rng": checkpointing.rng_state(), "history": history, "val_history": val_history, "best": best,
-            "config": json.dumps(cfg)}, keep_last=int(r["keep_last"]))
+        check_finite()                          # never checkpoint weights that saw a non-finite loss
+        rngs = distributed.gather_rng_states(info)
+        if main:
+            checkpointing.save_checkpoint(out, step, {
+                "task": task, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                "rng": rngs, "history": history, "val_history": val_history, "best": best,
+                "config": json.dumps(cfg), "world_size": info.world_size}, keep_last=int(r["keep_last"]))
+        distributed.barrier(info)
+
+    pending: list = []            # (step, loss) not yet checked: one host sync per log, not per step
+
+    def check_finite() -> None:
+        """Stop (on every rank) at the first non-finite loss since the last check."""
+        ok, i = distributed.all_finite([v for _, v in pending], info)
+        if not ok:
+            last = checkpointing.list_checkpoints(out)
+            raise NonFiniteLoss(f"non-finite loss at step {pending[i][0]}; stopping. Last good checkpoint: "
+                                f"{last[-1] if last else 'none'} (lower optim.lr or use run.amp=fp32)")
+        pending.clear()
 
     bar = None
-    if progress and start < steps:
+    if progress and main and start < steps:
         from tqdm import tqdm
-        bar = tqdm(total=steps, initial=start, desc=f"finetune {task}", dynamic_ncols=True, file=sys.stdout)
+        bar = tqdm(total=steps, initial=start, desc=f"finetune {task}", dynamic_ncols=True, file=sys.stderr)
     aug = bool(d["augment"])
     model.train()
     t_train, window = time.perf_counter(), []
+    trainable = [p for g in optimizer.param_groups for p in g["params"]]
+
     def train_step(step: int) -> None:
-        """One optimiser step on the next batch (a segmentation batch without labels is skipped)."""
+        """One optimiser step on the next batch. A segmentation batch without labels is skipped
+        (on one rank of several it still joins the gradient exchange, with a zero loss)."""
         items = next(batches)
         if aug:
             items = [augment(task, it, seed, step) for it in items]
         batch = collate(items, device)
         with autocast:
-            loss = task_loss(model, task, batch, float(cfg["head"]["severity_weight"]))
+            loss = task_loss(model, task, batch, float(cfg["head"]["severity_weight"]), forward=forward)
+        if info.enabled and task == "segment":
+            labelled = torch.tensor([float(loss is not None)], device=device)
+            torch.distributed.all_reduce(labelled)
+            if float(labelled) == 0:
+                loss = None                                        # no rank has a label: every rank skips
+            elif loss is None:                                     # join the all-reduce with zero gradients
+                valid = torch.zeros_like(batch["mask_valid"])
+                valid[0, 0] = True
+                with autocast:
+                    loss = forward(batch["video"], frames=valid).float().sum() * 0.0
         if loss is not None:
-            if not bool(torch.isfinite(loss)):
-                last = checkpointing.list_checkpoints(out)
-                raise NonFiniteLoss(f"non-finite loss at step {step + 1}; stopping. Last good checkpoint: "
-                                    f"{last[-1] if last else 'none'} (lower optim.lr or use run.amp=fp32)")
+            pending.append((step + 1, loss.detach()))
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             if o["clip_grad"]:
-                torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                               float(o["clip_grad"]))
+                torch.nn.utils.clip_grad_norm_(trainable, float(o["clip_grad"]))
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-            window.append(loss.item())
+            window.append(loss.detach().float())
         scheduler.step_update(step + 1)
 
     for step in range(start, steps):
         train_step(step)
         if (step + 1) % int(r["log_every"]) == 0 or step + 1 == steps:
-            row = {"step": step + 1, "loss": float(np.mean(window)) if window else math.nan,
+            check_finite()
+            mean = torch.stack(window).mean() if window else torch.tensor(math.nan, device=device)
+            row = {"step": step + 1, "loss": float(distributed.all_reduce_mean(mean, info)),
                    "lr": optimizer.param_groups[-1]["lr"]}
             history.append(row)
             log.write(row)
@@ -338,6 +393,7 @@ def _run(cfg: dict, resume: bool = False, progress: bool = True,
             on_step(step + 1)
     if bar is not None:
         bar.close()
+    check_finite()
     train_seconds = time.perf_counter() - t_train
     if best["state"] is None:                 # resumed after the last step, or steps == 0
         validate(steps)
@@ -345,10 +401,12 @@ def _run(cfg: dict, resume: bool = False, progress: bool = True,
     model.eval()
     test = None
     if data.test is not None and len(data.test):
-        test = json_safe(evaluate_task(model, task, data.test, int(r["eval_batch_size"]), device, autocast,
-                                       n_boot=1000 if task == "segment" else 0, seed=seed))
+        test = evaluate_task(model, task, data.test, int(r["eval_batch_size"]), device, autocast,
+                             n_boot=1000 if task == "segment" else 0, seed=seed, info=info, main_only=True)
+        test = distributed.broadcast_object(json_safe(test), info)
     desc = describe(cfg, data, model, best["metrics"], test, int(best["step"]))
-    save_task_model(model, out / "model", desc)
+    if main:
+        save_task_model(model, out / "model", desc)
     metrics = json_safe({
         "task": task, "labels": list(data.labels), "mode": cfg["head"]["mode"], "trained_on": data.trained_on,
         "select_metric": metric, "best_step": int(best["step"]), "val": best["metrics"], "test": test,
@@ -357,19 +415,28 @@ def _run(cfg: dict, resume: bool = False, progress: bool = True,
         "label_fraction": float(d["label_fraction"]), "steps": steps, "resumed_from": start,
         "train_history": history, "val_history": val_history, "notes": data.notes,
         "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
-        "device": str(device), "amp": str(amp), "checkpoint": "model",
+        "device": str(device), "amp": str(amp), "checkpoint": "model", "world_size": info.world_size,
     })
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    distributed.barrier(info)
     return metrics
 
 
 # ------------------------------------------------------------------ command line
 def parse_args(argv) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python train.py", description="Fine-tune a downstream task (view, segment, "
-                                 "as, ar, ef) from a config.")
-    ap.add_argument("--config", default=None, help="YAML config (Resources/configs/finetune_*.yaml)")
+    ap = argparse.ArgumentParser(
+        prog="python -m EchoFMEngine finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a downstream task from a config: the config's task: key is view, segment, as, ar "
+                    "or ef; init_from: names the pretrained encoder (or a task checkpoint to continue). Writes "
+                    "run.out/model (the task checkpoint for `evaluate` and `models import`) and metrics.json. "
+                    "Same as python train.py --config.",
+        epilog="example:\n  python -m EchoFMEngine finetune --config Resources/configs/finetune_view.yaml "
+               "run.steps=5 run.out=runs/view_quick")
+    ap.add_argument("--config", default=None, help="YAML config (Resources/configs/finetune_*.yaml; default: "
+                                                   "the view task on phantoms)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=50 head.mode=frozen")
     return ap.parse_intermixed_args(argv)   # overrides before or after the flags
 

@@ -191,7 +191,7 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
     bar = None
     if progress and info.is_main:
         from tqdm import tqdm
-        bar = tqdm(total=steps, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stdout)
+        bar = tqdm(total=steps, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stderr)
     model.train()
     history, t_start, clips_seen = [], time.perf_counter(), 0
     pending: list = []            # (step, loss) not yet checked: checking every step would stall the GPU
@@ -269,10 +269,16 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m EchoFMEngine pretrain", description="Pretrain EchoFM.")
-    ap.add_argument("--config", default=None, help="YAML config (see Resources/configs)")
+    ap = argparse.ArgumentParser(
+        prog="python -m EchoFMEngine pretrain", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Pretrain EchoFM (masked video reconstruction + contrastive loss) from a config; writes "
+                    "run.out/ (checkpoints, log.csv, model/, summary.json). Same as python train.py --config.",
+        epilog="example:\n  python -m EchoFMEngine pretrain --config Resources/configs/demo.yaml "
+               "run.steps=5 run.out=runs/quick")
+    ap.add_argument("--config", default=None,
+                    help="YAML config (Resources/configs/demo.yaml, pretrain_*.yaml); default: built-in defaults")
     ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
     ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=200 optim.base_lr=1.5e-4")
     return ap.parse_intermixed_args(argv)   # overrides before or after the flags
 
