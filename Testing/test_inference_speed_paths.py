@@ -96,6 +96,10 @@ def test_int8_path_stays_within_tolerance_and_leaves_the_originals(encoder, stud
     got = inference.shared_clip_outputs(list(q.values()), study.cine, prepared, cycles, "cpu")
     assert np.abs(ref[0] - got[0]).max() < 0.05 and np.abs(ref[1] - got[1]).max() < 0.05
     assert np.abs(ref[2] - got[2]).max() < 1.0                        # EF in percent points
+    own = _heads(copy.deepcopy(encoder))
+    inplace = inference.quantize_int8(own, inplace=True)               # no copy: the given encoder converted
+    assert inplace["view"].encoder is own["view"].encoder
+    assert type(own["view"].encoder.blocks[0].mlp.fc1) is not torch.nn.Linear
 
 
 def test_bench_models_share_one_frozen_encoder_and_report_stages():

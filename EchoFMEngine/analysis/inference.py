@@ -149,10 +149,11 @@ def clip_outputs(model, cine: Cine, prepared: Prepared, cycles: Optional[list], 
     return shared_clip_outputs([model], cine, prepared, cycles, device, batch_size)[0]
 
 
-def quantize_int8(models: Mapping[str, nn.Module]) -> dict:
-    """CPU copies of ``models`` with dynamic int8 linear layers (``torch.ao.quantization``);
-    models sharing one encoder module still share its quantised copy. Outputs move by a stated
-    tolerance (docs/analysis.md), so this is an option, never the default."""
+def quantize_int8(models: Mapping[str, nn.Module], inplace: bool = False) -> dict:
+    """CPU models with dynamic int8 linear layers in their encoders (``torch.ao.quantization``);
+    models sharing one encoder module still share its quantised version. ``inplace`` converts the
+    given encoders instead of copies (no second copy in memory; the fp32 models are then gone).
+    Outputs move by a stated tolerance (docs/analysis.md), so this is an option, never the default."""
     import copy
     import warnings
 
@@ -165,7 +166,8 @@ def quantize_int8(models: Mapping[str, nn.Module]) -> dict:
         if id(enc) not in done:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                done[id(enc)] = quantize_dynamic(copy.deepcopy(enc).cpu().eval(), {nn.Linear}, dtype=torch.qint8)
+                src = enc.cpu().eval() if inplace else copy.deepcopy(enc).cpu().eval()
+                done[id(enc)] = quantize_dynamic(src, {nn.Linear}, dtype=torch.qint8, inplace=inplace)
         shell = copy.copy(model)                 # shallow: new module object, same children...
         shell._modules = dict(model._modules)    # ...except the encoder, swapped for the int8 one
         shell._modules["encoder"] = done[id(enc)]
