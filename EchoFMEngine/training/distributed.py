@@ -69,3 +69,66 @@ def all_reduce_mean(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y)
     return y / info.world_size
+
+
+# ------------------------------------------------------------------ shared by pretraining and fine-tuning
+def gather_objects(obj, info: DistInfo) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every process (``[obj]`` when not distributed)."""
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    """Rank ``src``'s ``obj`` on every process."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def gather_rng_states(info: DistInfo) -> list:
+    """Every rank's generator states (checkpointed so each rank resumes with its own)."""
+    from .checkpointing import rng_state
+
+    return gather_objects(rng_state(), info)
+
+
+def restore_rng_state(saved, info: DistInfo) -> None:
+    """This rank's states from a checkpoint's ``rng`` (a per-rank list; an old single dict, or a
+    run resumed on more ranks than it was saved with, falls back to rank 0's)."""
+    from .checkpointing import set_rng_state
+
+    if isinstance(saved, dict):
+        set_rng_state(saved)
+    else:
+        set_rng_state(saved[info.rank] if info.rank < len(saved) else saved[0])
+
+
+def all_finite(values: list, info: DistInfo) -> tuple[bool, int]:
+    """(True, -1) when every tensor in ``values`` is finite on every rank, else (False, position of
+    the first non-finite one on any rank). One host sync (and one all-reduce) for the whole list."""
+    if not values:
+        return True, -1
+    x = torch.stack([v.detach().float().reshape(()) for v in values])
+    bad = ~torch.isfinite(x)
+    first = torch.where(bad.any(), bad.float().argmax(), torch.tensor(len(values), device=x.device))
+    if info.enabled:
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+    i = int(first)
+    return i >= len(values), (i if i < len(values) else -1)
+
+
+def shard_range(n: int, info: DistInfo) -> range:
+    """This rank's contiguous block of ``range(n)`` (blocks concatenated in rank order give
+    ``range(n)`` back, so gathered predictions keep the single-process order)."""
+    per = -(-n // info.world_size)
+    return range(min(n, info.rank * per), min(n, (info.rank + 1) * per))

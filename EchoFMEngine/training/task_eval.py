@@ -43,22 +43,26 @@ def collate(items: Sequence[dict], device=None) -> dict:
     return out
 
 
-def task_loss(model, task: str, batch: dict, severity_weight: float = 1.0) -> Optional[torch.Tensor]:
-    """The training loss of one batch (None for a segmentation batch without any labelled frame)."""
+def task_loss(model, task: str, batch: dict, severity_weight: float = 1.0,
+              forward=None) -> Optional[torch.Tensor]:
+    """The training loss of one batch (None for a segmentation batch without any labelled frame).
+    ``forward`` runs the model (a DDP or compiled wrapper of ``model``); ``model`` gives the
+    attributes (target statistics, severity scale)."""
+    fwd = forward if forward is not None else model
     video = batch["video"]
     if task in CLASSIFICATION:
-        return F.cross_entropy(model(video).float(), batch["label"])
+        return F.cross_entropy(fwd(video).float(), batch["label"])
     if task == "ef":
         target = (batch["ef"] - model.target_mean) / model.target_std
-        return F.mse_loss(model(video).float(), target)
+        return F.mse_loss(fwd(video).float(), target)
     if task == "ar":
-        out = model(video, batch["view_valid"]).float()
+        out = fwd(video, batch["view_valid"]).float()
         sev = F.mse_loss(out[:, 0], batch["severity"] / model.severity_max)
         return F.binary_cross_entropy_with_logits(out[:, 1], batch["label"].float()) + severity_weight * sev
     if task == "segment":
         if not bool(batch["mask_valid"].any()):
             return None
-        return segmentation_batch_loss(model, batch)
+        return segmentation_batch_loss(fwd, batch)
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -160,11 +164,39 @@ def task_metrics(task: str, pred: dict, n_boot: int = 0, seed: int = 0, n_classe
     raise ValueError(f"unknown task {task!r}")
 
 
+def merge_predictions(parts: Sequence[dict]) -> dict:
+    """One :func:`predict_dataset` result from those of consecutive blocks of a dataset (in order)."""
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    out = {}
+    for key in parts[0]:
+        values = [p[key] for p in parts if key in p]
+        out[key] = [x for v in values for x in v] if isinstance(values[0], list) else np.concatenate(values)
+    return out
+
+
 def evaluate_task(model, task: str, dataset, batch_size: int = 8, device=None, autocast=None,
-                  n_boot: int = 0, seed: int = 0) -> dict:
-    """``task_metrics(predict_dataset(...))`` for one task model and dataset."""
+                  n_boot: int = 0, seed: int = 0, info=None, main_only: bool = False) -> Optional[dict]:
+    """``task_metrics(predict_dataset(...))`` for one task model and dataset.
+
+    ``info`` (a :class:`~EchoFMEngine.training.distributed.DistInfo` of several processes): each rank
+    predicts its block of ``dataset``, the blocks are gathered in order and the metrics are computed
+    over the whole dataset, the same numbers as one process (on every rank, or with ``main_only`` on
+    rank 0 only, the others get None)."""
+    from torch.utils.data import Subset
+
     n_classes = getattr(getattr(model, "head", None), "n_classes", 4)
-    preds = predict_dataset(model, task, dataset, batch_size, device, autocast)
+    if info is None or not info.enabled:
+        preds = predict_dataset(model, task, dataset, batch_size, device, autocast)
+        return task_metrics(task, preds, n_boot=n_boot, seed=seed, n_classes=n_classes)
+    from .distributed import gather_objects, shard_range
+
+    block = list(shard_range(len(dataset), info))
+    mine = predict_dataset(model, task, Subset(dataset, block), batch_size, device, autocast) if block else {}
+    preds = merge_predictions(gather_objects(mine, info))
+    if main_only and not info.is_main:
+        return None
     return task_metrics(task, preds, n_boot=n_boot, seed=seed, n_classes=n_classes)
 
 
