@@ -1,0 +1,49 @@
+"""Command line of the web front end: parse, check the bind address and token, start the server."""
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m EchoFMSlicer.web",
+                                description="EchoFM cine-loop workflow in the browser (trame-slicer).")
+    p.add_argument("paths", nargs="*", help="cine files or DICOM folders to load at start")
+    p.add_argument("--port", type=int, default=8080, help="port to serve on (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, loopback only)")
+    p.add_argument("--models", default=None, help="models folder (default $ECHOFM_MODELS or ~/.echofm/models)")
+    p.add_argument("--token", default=None, help="secret the page must present (required off loopback); "
+                   "open http://HOST:PORT/?secret=TOKEN")
+    p.add_argument("--export", default=None, help="export folder for corrections (default ~/EchoFM/corrections)")
+    return p.parse_args(argv)
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and 'localhost'."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not is_loopback(args.host) and not args.token:
+        print(f"refusing to serve on {args.host}: another address than loopback needs --token", file=sys.stderr)
+        return 2
+    for p in args.paths:
+        if not Path(p).exists():
+            print(f"{p}: no such file or folder", file=sys.stderr)
+            return 2
+    from .app import EchoFMWebApp
+    app = EchoFMWebApp(models_folder=args.models, export_folder=args.export)
+    app.start(paths=args.paths, host=args.host, port=args.port, token=args.token)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
