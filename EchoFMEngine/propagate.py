@@ -49,7 +49,8 @@ class PropagationOptions:
     flow_iters: int = 25
     flow_var_iters: int = 0      # variational refinement iterations (the flow's main cost)
     flow_finest: int = 0         # finest pyramid level DIS computes (0: the resized frame itself)
-    blood_margin: Optional[float] = 12.0  # grey levels above the key frame's local blood level still blood
+    blood_margin: Optional[float] = 18.0  # grey levels above the key frame's local blood level still blood
+    outline_smooth_px: float = 1.0  # Gaussian smoothing of the refined outline's distance map (112 px)
     reanchor: bool = True        # drift correction: frames like the key frame are registered to it directly
     grow_px: float = 0.0         # how far (112 px) the cavity may grow into dark pixels per frame
 
@@ -253,7 +254,7 @@ def _blood_level(image: np.ndarray, cavity: np.ndarray, sigma: float) -> np.ndar
 
 def _refine_cavity(sdf: np.ndarray, image: np.ndarray, band: float, prior_weight: float,
                    sector: np.ndarray, grow: float = 1.0, blood_level=None,
-                   margin: float = 10.0) -> np.ndarray:
+                   margin: float = 10.0, smooth: float = 0.0) -> np.ndarray:
     """Snap the tracked cavity (sdf < 0) to the dark blood pool of ``image`` within +-band px."""
     near = np.abs(sdf) <= 2.0 * band
     near &= sector
@@ -275,7 +276,16 @@ def _refine_cavity(sdf: np.ndarray, image: np.ndarray, band: float, prior_weight
     if not cand.any():
         return sdf
     s_img = _sdf(cand)
-    return (prior_weight * sdf + (1.0 - prior_weight) * s_img).astype(np.float32)
+    out = (prior_weight * sdf + (1.0 - prior_weight) * s_img).astype(np.float32)
+    if smooth > 0:      # experts draw smooth outlines; pixel-wise thresholds are ragged
+        n = int((out < 0).sum())
+        blur = cv2.GaussianBlur(out, (0, 0), smooth)
+        if 0 < n < blur.size:   # same area as before smoothing: no shrinkage accumulates frame by frame
+            flat = blur.ravel()
+            level = 0.5 * (np.partition(flat, n - 1)[n - 1] + np.partition(flat, n)[n])
+            blur = blur - np.float32(level)
+        out = blur
+    return out
 
 
 # ----------------------------------------------------------------------------- main
@@ -383,7 +393,8 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
                 cur = {k: w * direct[k] + (1.0 - w) * cur[k] for k in cur}
             if opt.refine and LV_ENDO in present:
                 cur["endo"] = _refine_cavity(cur["endo"], images[t], band, opt.prior_weight, sector,
-                                              opt.grow_px * scale, level, opt.blood_margin or 0.0)
+                                              opt.grow_px * scale, level, opt.blood_margin or 0.0,
+                                              opt.outline_smooth_px * scale)
             out[t] = cur
             tick(f"tracking frame {t}")
         return out

@@ -106,9 +106,9 @@ def _traced_cases(root):
 
 
 def test_real_traced_cines_es_from_ed(shared_data):
-    """From the experts' ED mask alone: ES Dice and EF against the experts (measured: docs/propagation.md).
-    Thresholds sit just under the measured values, so a regression (e.g. a plain flow chain, ES
-    Dice ~0.85 and EF 11-28 points low) fails."""
+    """From the experts' ED mask alone: ES Dice >= 0.88 against the experts' ES mask and EF within 6
+    points of the list (issue 12's acceptance; measured values in docs/propagation.md). A plain flow
+    chain (ES Dice ~0.85, EF 11-28 points low) fails."""
     root = shared_data / "echonet" / "traced3"
     if not root.is_dir():
         pytest.skip(f"EchoNet traced cines not found at {root}")
@@ -117,8 +117,8 @@ def test_real_traced_cines_es_from_ed(shared_data):
         p = out[1] == 1
         d = _dice(p, m_es)
         pef = 100.0 * (1.0 - lv_volume(p).volume / lv_volume(m_ed).volume)
-        assert d >= 0.87, f"{name}: ES Dice {d:.3f}"
-        assert abs(pef - ef) <= 8.0, f"{name}: EF {pef:.1f} vs list {ef:.1f}"
+        assert d >= 0.88, f"{name}: ES Dice {d:.3f}"
+        assert abs(pef - ef) <= 6.0, f"{name}: EF {pef:.1f} vs list {ef:.1f}"
 
 
 # ----------------------------------------------------------------------------- analysis
