@@ -2,12 +2,16 @@
 
 Layout::
 
-    <folder>/manifest.json            {"tasks": {task: {file, sha256, labels, input, preprocessing, ...}}}
+    <folder>/manifest.json            {"tasks": {task: {file, sha256, labels, input, preprocessing, ...}},
+                                       "encoders": {name: {file, sha256, source, revision, licence, ...}}}
     <folder>/<task>-<sha12>.safetensors
+    <folder>/encoder-<name>-<sha12>.safetensors
 
-The folder is ``$ECHOFM_MODELS`` or ``~/.echofm/models``. Nothing is downloaded: files enter
-through :meth:`ModelStore.import_file` (``python -m EchoFMEngine models import FILE --task T``),
-and every :meth:`ModelStore.get` checks the file against its recorded SHA-256 once per process.
+The folder is ``$ECHOFM_MODELS`` or ``~/.echofm/models``. Task files enter through
+:meth:`ModelStore.import_file` (``python -m EchoFMEngine models import FILE --task T``); the released
+encoder only through ``models download`` (:mod:`.hub`, after licence acceptance), never implicitly.
+Every :meth:`ModelStore.get` / :meth:`ModelStore.get_encoder` checks the file against its recorded
+SHA-256 once per process.
 """
 from __future__ import annotations
 
@@ -243,7 +247,7 @@ def cli(argv: Sequence[str]) -> int:
     demo = "runs/demo/models"  # the folder `python train.py` (the demo) fills
     ap = argparse.ArgumentParser(prog="python -m EchoFMEngine models", formatter_class=raw,
                                  description="The local models folder: which fine-tuned weights file serves "
-                                             "which task, with SHA-256 checksums (no downloads).",
+                                             "which task, with SHA-256 checksums (downloads only through `download`).",
                                  epilog=f"example (after `python train.py`):\n"
                                         f"  python -m EchoFMEngine models list --folder {demo}")
     ap.add_argument("--folder", "--models", dest="folder", default=None, help=folder_help)
