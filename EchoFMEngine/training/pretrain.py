@@ -156,7 +156,7 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
-            checkpointing.set_rng_state(state["rng"][info.rank] if info.rank < len(state["rng"]) else state["rng"][0])
+            distributed.restore_rng_state(state["rng"], info)
             start = int(state["step"])
             if info.is_main:
                 print(f"resuming from {state['path']} at step {start}")
@@ -174,19 +174,14 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
     autocast = (torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext())
 
     def save(step: int):
-        rngs = [checkpointing.rng_state()]
-        if info.enabled:
-            gathered = [None] * info.world_size
-            torch.distributed.all_gather_object(gathered, rngs[0])
-            rngs = gathered
+        rngs = distributed.gather_rng_states(info)
         if info.is_main:
             checkpointing.save_checkpoint(out, step, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
                 "rng": rngs, "config": json.dumps(cfg), "global_batch": global_batch,
             }, keep_last=run["keep_last"])
-        if info.enabled:
-            torch.distributed.barrier()
+        distributed.barrier(info)
 
     bar = None
     if progress and info.is_main:
