@@ -219,3 +219,133 @@ def prepare_frames(frames: np.ndarray, size: int = 112, sector: Optional[np.ndar
     tf = SectorTransform.fit((H, W), _bbox(sector), size,
                              sector_polygon=_polygon(sector) if found else None, sector_found=found)
     return tf.frames_to_model(blank_outside(f, sector)), tf
+
+
+# ---------------------------------------------------------------------- identifiers, panels, colour
+def blank_outside_sector(frames: np.ndarray, sector: Optional[np.ndarray] = None) -> np.ndarray:
+    """Copy of ``frames`` with everything outside the scan sector set to 0 (burned-in names, dates and
+    institution text lie outside it). When no sector is found, every pixel is blanked: an image that may
+    carry identifiers is never written as it is. Use this for every picture the project writes."""
+    f = np.asarray(frames)
+    if sector is None:
+        sector = find_sector(f)
+    if sector is None or not np.asarray(sector).any():
+        return np.zeros_like(f)
+    return blank_outside(f if f.ndim >= 3 else f[None], np.asarray(sector, dtype=bool))
+
+
+COLOUR_SATURATION = 60      # max - min over R, G, B: grey B-mode (and JPEG chroma noise) stays far below
+COLOUR_SHARE = 0.015        # share of the sector's pixels in colour on a frame to call the frame colour Doppler
+
+
+def colour_fraction(frames: np.ndarray, region: Optional[np.ndarray] = None) -> np.ndarray:
+    """Per frame, the share of ``region`` (default: all) pixels that are strongly coloured."""
+    f = np.asarray(frames)
+    if f.ndim != 4 or f.shape[-1] < 3:
+        return np.zeros(f.shape[0] if f.ndim >= 3 else 1)
+    c = f[..., :3].astype(np.int16)
+    sat = (c.max(-1) - c.min(-1) > COLOUR_SATURATION) & (c.max(-1) > 80)
+    if region is not None:
+        region = np.asarray(region, dtype=bool)
+        return sat[:, region].mean(1) if region.any() else np.zeros(f.shape[0])
+    return sat.reshape(f.shape[0], -1).mean(1)
+
+
+TINT_SHARE = 0.35           # colour over more than this share of the sector in one hue: a tinted B-mode map
+
+
+def _warm_cold(frames: np.ndarray, region: np.ndarray) -> tuple:
+    """Per frame, the shares of coloured sector pixels that are warm (red/orange) and cold (blue)."""
+    c = np.asarray(frames)[..., :3].astype(np.int16)[:, region]
+    col = (c.max(-1) - c.min(-1) > COLOUR_SATURATION) & (c.max(-1) > 80)
+    n = np.maximum(col.sum(1), 1)
+    warm = (col & (c[..., 0] > c[..., 2] + 40)).sum(1) / n
+    cold = (col & (c[..., 2] > c[..., 0] + 40)).sum(1) / n
+    return warm, cold
+
+
+def colour_doppler_frames(frames: np.ndarray, sector: Optional[np.ndarray] = None) -> list:
+    """Frames that hold a colour (or power) Doppler box inside the scan sector. Colour overlays
+    outside the sector (a green ECG trace) do not count, nor does a B-mode shown in one tint (colour
+    over most of the sector in a single hue, e.g. a blue grey-map)."""
+    f = np.asarray(frames)
+    if sector is None:
+        sector = find_sector(f)
+    share = colour_fraction(f, sector)
+    if f.ndim != 4 or not (share >= COLOUR_SHARE).any():
+        return []
+    region = np.ones(f.shape[1:3], bool) if sector is None or not np.asarray(sector).any() else np.asarray(sector)
+    warm, cold = _warm_cold(f, region)
+    doppler = (share >= COLOUR_SHARE) & ((share < TINT_SHARE) | ((warm >= 0.1) & (cold >= 0.1)))
+    return [int(i) for i in np.flatnonzero(doppler)]
+
+
+def find_panels(frames: np.ndarray, min_width: float = 0.15) -> list:
+    """Column ranges ``[(c0, c1), ...]`` of image panels placed side by side (dual-screen exports, two
+    views in one file); one range covering the width for an ordinary cine. Panels are found as runs of
+    columns holding lit image in the upper 40 % of rows (where fans are narrow), separated by dark
+    columns (the dark corners between two fans)."""
+    g = _luma_stack(frames)
+    H, W = g.shape[1:]
+    bright = np.percentile(g, 95, axis=0) if g.shape[0] > 1 else g[0]
+    bright = ndimage.median_filter(bright, size=3)       # speckle of the near field counts, single dots do not
+    live = ndimage.binary_opening(bright > 20.0, iterations=1)
+    lab, _ = ndimage.label(live)                          # drop markers and dots (tiny pieces)
+    sizes = np.bincount(lab.ravel())
+    live &= sizes[lab] >= max(4, int(0.002 * H * W))
+    top = live[: max(1, int(0.4 * H))]
+    occupied = top.mean(0) > 0.02
+    runs, c = [], 0
+    while c < W:
+        if occupied[c]:
+            s = c
+            while c < W and occupied[c]:
+                c += 1
+            runs.append((s, c))
+        c += 1
+    runs = [r for r in runs if r[1] - r[0] >= min_width * W * 0.5]
+    if len(runs) < 2:
+        return [(0, W)]
+    gaps = [(a[1], b[0]) for a, b in zip(runs, runs[1:])]
+    if min(b - a for a, b in gaps) < 0.03 * W:
+        return [(0, W)]
+    cuts = [0] + [int(round((a + b) / 2)) for a, b in gaps] + [W]
+    k = len(cuts) - 1                        # equal panels (the usual export) when the gaps allow it
+    equal = [int(round(i * W / k)) for i in range(k + 1)]
+    if all(a <= e <= b for (a, b), e in zip(gaps, equal[1:-1])):
+        cuts = equal
+    panels = [(a, b) for a, b in zip(cuts, cuts[1:])]
+    if min(b - a for a, b in panels) < min_width * W or g.shape[0] < 2:
+        return [(0, W)]         # a still image is never split (text columns beside a frame look like a panel)
+    for i, (a, b) in enumerate(panels):
+        # each panel's fan starts (its topmost lit rows) away from the cuts; one fan cut in two does not
+        rows = np.flatnonzero(live[:, a:b].any(1))
+        if rows.size == 0:
+            return [(0, W)]
+        head = live[rows[0]: rows[0] + max(2, int(0.1 * (rows[-1] - rows[0] + 1))), a:b]
+        centre = a + float(np.nonzero(head)[1].mean())
+        inner = [c for c in (a, b) if 0 < c < W]
+        if any(abs(centre - c) < 0.25 * (b - a) for c in inner):
+            return [(0, W)]
+    return panels
+
+
+def choose_bmode_panel(frames: np.ndarray, panels: list) -> tuple:
+    """(index, reason) of the panel with the greyscale B-mode sector (most motion among grey panels);
+    index None with the reason when no panel is B-mode."""
+    f = np.asarray(frames)
+    stats = []
+    for c0, c1 in panels:
+        sub = f[:, :, c0:c1]
+        colour = float(np.median(colour_fraction(sub, find_sector(sub))))   # overlays outside the fan ignored
+        g = _luma_stack(sub)
+        motion = float((np.percentile(g, 90, axis=0) - np.percentile(g, 10, axis=0)).sum()) if g.shape[0] > 1 else 0.0
+        stats.append((colour, motion))
+    grey = [i for i, (colour, _) in enumerate(stats) if colour < COLOUR_SHARE * 0.5]
+    if not grey:
+        return None, (f"{len(panels)} panels side by side and none is a greyscale B-mode image "
+                      f"(colour in every panel)")
+    best = max(grey, key=lambda i: stats[i][1])
+    c0, c1 = panels[best]
+    return best, (f"{len(panels)} panels side by side; panel {best + 1} (columns {c0}-{c1 - 1}, greyscale, most "
+                  f"motion) analysed")

@@ -1,9 +1,13 @@
-"""Files an analysis writes: ``result.json``, ``masks.nrrd``, ``summary.png`` and a CSV row per study."""
+"""Files an analysis writes: ``result.json``, ``masks.nrrd``, ``summary.png`` and a CSV row per study.
+
+No identifiers: study ids are derived (a counter and a short hash of the file's content, never its
+name), ``input`` holds that id, DICOM tags are never copied, and the mapping from ids to input paths
+is written only on request (``paths.csv``, ``--keep-paths``).
+"""
 from __future__ import annotations
 
 import csv
 import json
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -11,24 +15,51 @@ import numpy as np
 
 CSV_COLUMNS = ["study_id", "input", "view", "view_probability", "phase_method", "heart_rate_bpm",
                "ed_frames", "es_frames", "unit", "edv", "esv", "ef_percent", "la_volume",
-               "ef_regression_percent", "as_label", "flags", "needs"]
+               "ef_regression_percent", "as_label", "flags", "unreliable", "needs", "models"]
+PATHS_FILE = "paths.csv"
 
 
-def study_id(name: str, taken: set) -> str:
-    """A folder name from the input's file name (no directories), unique within one run."""
-    base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name)
-    for suffix in (".nii.gz", ".seq.nrrd"):
-        if base.lower().endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    else:
-        base = base.rsplit(".", 1)[0] if "." in base[1:] else base
-    base = base.strip("._") or "study"
-    out, k = base, 2
+def _content_hash(path) -> str:
+    """8 hex digits of SHA-256 over the file's size and first 1 MiB (its name plays no part)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    p = Path(path)
+    try:
+        h.update(str(p.stat().st_size).encode())
+        with open(p, "rb") as f:
+            h.update(f.read(1 << 20))
+    except OSError:            # not a readable file: the id still must not show the name
+        h.update(b"unreadable")
+    return h.hexdigest()[:8]
+
+
+def study_id(path, taken: set) -> str:
+    """A derived study id ``sNNNN-hhhhhhhh``: a counter in input order and a short hash of the file's
+    content. Unique within one run; the file name never appears in it."""
+    k = len(taken) + 1
+    out = f"s{k:04d}-{_content_hash(path)}"
     while out in taken:
-        out, k = f"{base}_{k}", k + 1
+        k += 1
+        out = f"s{k:04d}-{_content_hash(path)}"
     taken.add(out)
     return out
+
+
+def write_paths(items, out: Path) -> Path:
+    """``paths.csv`` (study_id, input path) in ``out``: written only when the user asks (``--keep-paths``)."""
+    import io
+
+    from ..atomic import atomic_write_text
+
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["study_id", "input"])
+    for path, sid in items:
+        w.writerow([sid, str(Path(path).resolve())])
+    path = Path(out) / PATHS_FILE
+    atomic_write_text(path, buf.getvalue())
+    return path
 
 
 def write_masks_nrrd(masks: np.ndarray, spacing_mm: Optional[tuple], path: Path) -> Path:
@@ -59,8 +90,15 @@ def csv_row(sid: str, result: dict) -> dict:
 
     def num(v):
         return "" if v is None else round(float(v), 3)
+    reliable = m.get("reliable") or {}
+    unreliable = [k for k in ("edv", "esv", "ef_percent", "la_volume") if reliable.get(k) is False]
+    if phase and phase.get("heart_rate_reliable") is False:
+        unreliable.insert(0, "heart_rate_bpm")
+    flags = [f"{f.get('name', '')}: {f.get('reason', '')}" if isinstance(f, dict) else str(f)
+             for f in result.get("flags", [])]
+    models = (result.get("provenance") or {}).get("models") or {}
     return {
-        "study_id": sid, "input": result["input"], "view": view.get("label", ""),
+        "study_id": sid, "input": sid, "view": view.get("label", ""),
         "view_probability": num(max(view["probabilities"].values())) if view else "",
         "phase_method": phase.get("method", ""), "heart_rate_bpm": num(phase.get("heart_rate_bpm")),
         "ed_frames": " ".join(map(str, phase.get("ed_frames", []))),
@@ -69,7 +107,11 @@ def csv_row(sid: str, result: dict) -> dict:
         "ef_percent": num(m.get("ef_percent")), "la_volume": num(m.get("la_volume")),
         "ef_regression_percent": num((scores.get("ef_regression") or {}).get("ef_percent")),
         "as_label": (scores.get("as") or {}).get("label", ""),
-        "flags": "; ".join(result.get("flags", [])), "needs": "; ".join(sorted(result.get("needs", {}))),
+        "flags": "; ".join(flags), "unreliable": " ".join(unreliable),
+        "needs": "; ".join(sorted(result.get("needs", {}))),
+        "models": " ".join(f"{t}:{(p or {}).get('sha256') or 'unknown'}"[:len(t) + 13]
+                           + (":phantom-trained" if (p or {}).get("trained_on_phantoms") else "")
+                           for t, p in sorted(models.items())),
     }
 
 
@@ -106,8 +148,8 @@ def write_study(result, out: Path, sid: str, cine=None, summary: bool = True) ->
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir()
     try:
+        result.study_id = result.input = sid
         d = result.to_dict()
-        d["study_id"] = sid
         if result.masks is not None:
             write_masks_nrrd(result.masks, (cine.spacing_mm if cine is not None else None), stage / "masks.nrrd")
             d["segmentation"]["file"] = "masks.nrrd"

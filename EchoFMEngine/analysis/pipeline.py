@@ -164,9 +164,29 @@ def _load(models: Mapping, task: str, device, needs: dict):
     return model.to(device).eval()
 
 
+def _view_gate(res: StudyResult, view: Optional[str], source: str) -> Optional[str]:
+    """Why apical measurements must not run (None: they may). Adds the view flags to ``res``."""
+    if view is not None:                       # the user said which view this is
+        res.view = dict(res.view or {}, user_label=view)
+        if view not in APICAL_VIEWS:
+            return f"the user gave view {view}: volumes by the method of discs need an apical view"
+        return None
+    if res.view is None:
+        plaus.merge(res.flags, [flag("view_unverified", "no view model: the apical view that volumes assume is "
+                                                        "not checked (pass --view A4C when you know it)")])
+        return None
+    label, p = res.view["label"], max(res.view["probabilities"].values())
+    if label not in APICAL_VIEWS or p < LOW_CONFIDENCE:
+        why = (f"the view model says {label} (p={p:.2f}); volumes by the method of discs need an apical view "
+               f"with p >= {LOW_CONFIDENCE} (pass --view A4C to override)")
+        plaus.merge(res.flags, [flag("view_not_apical", why)])
+        return why if source == "model" else None      # the user's own masks are measured, flagged
+    return None
+
+
 def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, ModelStore, Mapping, None] = None,
             device: str = "auto", masks=None, segment: str = "ed_es",
-            max_cycles: Optional[int] = None) -> StudyResult:
+            max_cycles: Optional[int] = None, view: Optional[str] = None) -> StudyResult:
     """Analyse one cine loop.
 
     ``models``: a models folder (default ``$ECHOFM_MODELS`` or ``~/.echofm/models``), a
@@ -174,36 +194,64 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     ``masks``: optional label maps ``[T, H, W]`` from the user (used instead of a segmenter), or
     ``{frame: [H, W] label map}`` for a few drawn frames, propagated to every frame first;
     ``segment``: ``"ed_es"`` (segment the ED and ES frames) or ``"all"`` (every frame);
-    ``max_cycles``: run the models on the first N full cycles only (faster; default: every cycle).
+    ``max_cycles``: run the models on the first N full cycles only (faster; default: every cycle);
+    ``view``: the view as the user knows it (e.g. ``"A4C"``), instead of the view model's.
     Raises :class:`~EchoFMEngine.cine.CineReadError` for an unreadable file and ValueError for
-    masks that do not match the frames; everything else is reported through flags."""
+    masks that do not match the frames or a multi-panel file without a B-mode panel; everything
+    else is reported through flags."""
+    from ..geometry import find_sector
     from ..io import load_cine
     from ..measure import cardiac_measurements
     from ..phase import detect_ed_es
     from . import inference
+    from .provenance import is_phantom_cine, models_provenance
 
     if segment not in ("ed_es", "all"):
         raise ValueError(f"segment must be 'ed_es' or 'all', got {segment!r}")
+    if view is not None and view not in VIEWS:
+        raise ValueError(f"view must be one of {list(VIEWS)}, got {view!r}")
     t0 = time.perf_counter()
     cine = cine_or_path if isinstance(cine_or_path, Cine) else load_cine(cine_or_path)
-    name = cine.source.file_name or (Path(cine_or_path).name if not isinstance(cine_or_path, Cine) else "array")
-    res = StudyResult(input=name, cine=_cine_facts(cine), flags=quality_flags(cine))
+    t_read = time.perf_counter() - t0 if not isinstance(cine_or_path, Cine) else 0.0
+    t = time.perf_counter()
+    original_shape = cine.shape
+    cine, panel, gate_flags = gate_input(cine)
+    res = StudyResult(input="study", cine=_cine_facts(cine), flags=quality_flags(cine) + gate_flags)
+    if panel:
+        res.cine["panel"] = panel
+    res.timing_s["read"] = t_read
     known_frames = None
     if isinstance(masks, Mapping):   # {frame: label map}: propagated to every frame (issue 12)
         from ..propagate import propagate_masks
 
         known_frames = sorted(int(k) for k in masks)
+        if panel:
+            c0, c1 = panel["columns"]
+            masks = {k: np.asarray(v)[:, c0:c1] for k, v in masks.items()}
         masks = propagate_masks(cine, masks)
+    elif masks is not None and panel and np.shape(masks) == tuple(original_shape):
+        c0, c1 = panel["columns"]
+        masks = np.asarray(masks)[:, :, c0:c1]
     user_masks = check_masks(masks, cine) if masks is not None else None
+    res.timing_s["check_input"] = time.perf_counter() - t
     dev = resolve_device(device)
+    t = time.perf_counter()
     store = models if isinstance(models, Mapping) else load_models(models, device)
+    res.timing_s["load_models"] = time.perf_counter() - t
     cache: dict = {}
-    res.timing_s["read"] = time.perf_counter() - t0
+    prov_models = models_provenance(store)
+    res.provenance = {"models": {}, "ed_es_method": None, "segmentation_method": None,
+                      "view_source": "user" if view is not None else None}
+
+    def used(task):          # provenance of a model whose output is in the result
+        res.provenance["models"][task] = prov_models.get(task)
 
     if cine.num_frames < 2:
         res.needs["phase"] = "ED/ES need a cine loop of at least two frames"
         if user_masks is not None:
-            res.flags.append("masks_unused: a single frame has no ED/ES")
+            res.flags.append(flag("masks_unused", "a single frame has no ED/ES"))
+        res.timing_s["total"] = time.perf_counter() - t0
+        res.timing_s = {k: round(v, 4) for k, v in res.timing_s.items()}
         return res
 
     # ED/ES without a segmenter first (ECG, else images); refined below when masks arrive.
@@ -236,23 +284,33 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
         labels = clip_models["view"].description["labels"]
         res.view = {"label": labels[int(np.argmax(p))], "probabilities": dict(zip(labels, map(float, p))),
                     "windows": len(cycles) or 1}
+        used("view")
+        res.provenance["view_source"] = "model"
         if float(p.max()) < LOW_CONFIDENCE:
-            res.flags.append(f"low_view_confidence: {float(p.max()):.2f}")
+            res.flags.append(flag("low_view_confidence", f"the view model's top probability is {float(p.max()):.2f}"))
     if "as" in outputs:
         p = outputs["as"].mean(0)
         labels = clip_models["as"].description["labels"]
         res.scores["as"] = {"label": labels[int(np.argmax(p))], "probabilities": dict(zip(labels, map(float, p)))}
+        used("as")
     res.needs["ar"] = ("AR severity is scored per study from several colour Doppler views (A3C, A5C, PSAX, "
                        "PLAX); a single cine cannot be scored")
     if "ef" in outputs:
         y = outputs["ef"]
         res.scores["ef_regression"] = {"ef_percent": float(np.mean(y)), "per_window": [float(v) for v in y]}
+        used("ef")
     res.timing_s["classify"] = time.perf_counter() - t
+
+    # View gating: volumes by the method of discs only for an apical view (model or user says so).
+    source = "user" if known_frames is None else "propagated"
+    not_apical = _view_gate(res, view, "user" if user_masks is not None else "model")
 
     # Masks: the user's, else the segmenter's (ED/ES or every frame).
     t = time.perf_counter()
-    labels_map, source = user_masks, ("user" if known_frames is None else "propagated")
-    if labels_map is None:
+    labels_map = user_masks
+    if labels_map is None and not_apical:
+        res.needs["segment"] = f"not segmented: {not_apical}"
+    elif labels_map is None:
         seg_model = _load(store, "segment", dev, res.needs)
         if seg_model is not None:
             _, size = inference.input_size(seg_model)
@@ -265,30 +323,60 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
             labels_map = inference.segment_frames(seg_model, cine, prepared, wanted, period, dev)
             res.timing_s["model:segment"] = time.perf_counter() - ts
             source = "model"
+            used("segment")
             if segment == "all" and cine.ecg is None:   # the LV area curve is a better ED/ES cue than pixels
                 phase = detect_ed_es(cine, masks=labels_map)
     res.timing_s["segment"] = time.perf_counter() - t
     res.phase = phase.to_dict()
     res.phase["analysed_cycles"] = [list(c) for c in cycles]
+    plaus.merge(res.flags, getattr(phase, "flags", []))
     if len(phase.ed_frames) < 2:
-        res.flags.append("no_full_cycle: fewer than two ED frames in the clip")
+        res.flags.append(flag("no_full_cycle", "fewer than two ED frames in the clip"))
+    res.provenance["ed_es_method"] = {"method": phase.method, "signal": getattr(phase, "signal_name", None)}
 
+    sector = None
     if labels_map is not None:
         frames = [int(f) for f in np.flatnonzero(labels_map.reshape(cine.num_frames, -1).any(1))]
         res.masks = labels_map
         res.segmentation = {"source": source, "frames": frames, "labels": SEGMENT_LABELS}
         if known_frames is not None:
             res.segmentation.update(segmentation_method="propagated", known_frames=known_frames)
+        seg_prov = prov_models.get("segment") if source == "model" else None
+        res.provenance["segmentation_method"] = (
+            {"source": "model", "sha256": (seg_prov or {}).get("sha256"), "frames": segment} if source == "model"
+            else {"source": source, "known_frames": known_frames})
         t = time.perf_counter()
         try:
             res.measurements = cardiac_measurements(labels_map, cine.spacing_mm, phase.ed_frames, phase.es_frames,
                                                    expected_shape=cine.shape)
         except ValueError as e:     # e.g. an empty LV mask at ED: say so, do not guess
-            res.flags.append(f"measurement_failed: {e}")
+            res.flags.append(flag("measurement_failed", str(e)))
         res.timing_s["measure"] = time.perf_counter() - t
     else:
         res.needs.setdefault("measurements", "volumes and EF need LV masks: a 'segment' model or masks given "
                                              "by the user")
+
+    # Plausibility, then reliability of every reported number.
+    t = time.perf_counter()
+    if labels_map is not None:
+        sector = find_sector(cine.frames)
+    phantom = is_phantom_cine(cine)
+    for task, prov in res.provenance["models"].items():
+        if prov and prov.get("trained_on_phantoms") and not phantom:
+            plaus.merge(res.flags, [flag("phantom_model_on_real_cine",
+                                         f"the {task} model was trained on phantoms ({prov.get('trained_on')}) "
+                                         "and applied to a real cine: its output does not carry over")])
+    plaus.merge(res.flags, plaus.check_result(res.to_dict(), labels_map, sector, cine.fps))
+    counted = res.flags
+    if source != "model" and labels_map is not None:     # the user's own masks: the view is the user's call
+        counted = [f for f in res.flags if f["name"] != "view_unverified"]
+    rel = plaus.reliability(counted)
+    if res.phase is not None:
+        res.phase["heart_rate_reliable"] = rel["heart_rate_bpm"]["reliable"]
+    if res.measurements is not None:
+        res.measurements["reliable"] = {k: rel[k]["reliable"] for k in plaus.MEASURED}
+        res.measurements["unreliable_because"] = {k: rel[k]["because"] for k in plaus.MEASURED if rel[k]["because"]}
+    res.timing_s["checks"] = time.perf_counter() - t
     res.timing_s["total"] = time.perf_counter() - t0
     res.timing_s = {k: round(v, 4) for k, v in res.timing_s.items()}
     return res
