@@ -86,7 +86,8 @@ def test_a_single_frame_and_unknown_spacing_are_flagged_not_guessed(study, empty
 
     still = Cine(study.cine.frames[:1], fps=30.0)
     res = analyze(still, models=empty_models)
-    assert "single_frame" in res.flags and any(f.startswith("unknown_spacing") for f in res.flags)
+    names = [f["name"] for f in res.flags]          # flags are {"name", "reason"} (issue 15)
+    assert "single_frame" in names and "unknown_spacing" in names
     assert res.phase is None and res.measurements is None and "phase" in res.needs
 
 
@@ -96,7 +97,7 @@ def test_a_non_ultrasound_dicom_is_flagged(tmp_path, study, empty_models):
     ds.Modality = "CT"
     ds.save_as(path)
     res = analyze(path, models=empty_models)
-    assert "not_echo: DICOM modality CT" in res.flags
+    assert {"name": "not_echo", "reason": "DICOM modality CT, not ultrasound"} in res.flags
 
 
 def test_a_segmenter_gives_masks_in_the_original_geometry_at_ed_and_es(study):
@@ -123,11 +124,12 @@ def test_batch_writes_results_continues_past_a_bad_file_and_keeps_identifiers_ou
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 1, proc.stderr        # 1: some studies failed (docs/analysis.md)
     assert "PROGRESS 2/2" in proc.stdout and "broken.dcm" in proc.stdout
-    result = json.loads((out / "a4c" / "result.json").read_text())
-    assert result["phase"]["method"] == "ecg" and result["input"] == "a4c.dcm"
-    assert (out / "a4c" / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(out / "results.csv")))
-    assert [r["study_id"] for r in rows] == ["a4c"]
+    sid = rows[0]["study_id"]                       # derived id (counter + content hash), no file name
+    assert len(rows) == 1 and "a4c" not in sid
+    result = json.loads((out / sid / "result.json").read_text())
+    assert result["phase"]["method"] == "ecg" and result["input"] == sid
+    assert (out / sid / "summary.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     failed = list(csv.DictReader(open(out / "failed.csv")))
     assert failed[0]["input"] == "broken.dcm" and failed[0]["reason"]
     text = "".join(p.read_text(errors="ignore") for p in out.rglob("*") if p.suffix in (".json", ".csv"))

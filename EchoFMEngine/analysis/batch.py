@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
@@ -206,7 +207,8 @@ def _broadcast(obj, rank: int, world: int):
 
 def analyze_paths(paths: Iterable[Union[str, Path]], out: Union[str, Path], models=None, device: str = "auto",
                   segment: str = "ed_es", summary: bool = True, progress: bool = True,
-                  max_cycles: Optional[int] = None, masks=None) -> dict:
+                  max_cycles: Optional[int] = None, masks=None, view: Optional[str] = None,
+                  keep_paths: bool = False) -> dict:
     """Analyse every input, write one folder per study plus ``results.csv`` (and ``failed.csv``).
     ``masks``: ``{frame: label map}`` drawn on the (single) input, propagated to every frame.
 
@@ -224,8 +226,9 @@ def analyze_paths(paths: Iterable[Union[str, Path]], out: Union[str, Path], mode
     if masks is not None and len(files) != 1:
         raise ValueError(f"--masks belongs to one cine, but {len(files)} inputs were given")
     taken: set = set()
-    items = [(path, study_id(path.name, taken)) for path in files]
+    items = [(path, study_id(path, taken)) for path in files]     # derived ids: no file name in outputs
     identity = _run_identity(items, {"segment": segment, "max_cycles": max_cycles, "summary": bool(summary),
+                                     **({"view": view} if view else {}),
                                      "models": str(models) if isinstance(models, (str, Path)) else None})
     lock = RunLock(out, "analyze")
     error = None
@@ -245,15 +248,19 @@ def analyze_paths(paths: Iterable[Union[str, Path]], out: Union[str, Path], mode
     error = _broadcast(error, rank, world)
     if error is not None:
         raise OutputFolderError(error)
+    if keep_paths and rank == 0:         # the one file that maps study ids to input paths, on request only
+        from .outputs import write_paths
+
+        write_paths(items, out)
     try:
         return _analyze_items(items, missing, out, rank, world, models, device, segment, summary, progress,
-                              max_cycles, tqdm, load_cine, load_models, masks=masks)
+                              max_cycles, tqdm, load_cine, load_models, masks=masks, view=view)
     finally:
         lock.release()
 
 
 def _analyze_items(items, missing, out, rank, world, models, device, segment, summary, progress, max_cycles,
-                   tqdm, load_cine, load_models, masks=None) -> dict:
+                   tqdm, load_cine, load_models, masks=None, view=None) -> dict:
     _, complete = _resume_rows(out, items)
     todo = [(p, s) for p, s in items if s not in complete]
     mine = todo[rank::world]
@@ -279,9 +286,13 @@ def _analyze_items(items, missing, out, rank, world, models, device, segment, su
                disable=not progress, file=sys.stderr)
     for k, (path, sid) in enumerate(bar):
         try:
+            t_read = time.perf_counter()
             cine = load_cine(path)
+            t_read = time.perf_counter() - t_read
             result = analyze(cine, models=store, device=device, segment=segment, max_cycles=max_cycles,
-                             masks=masks)
+                             masks=masks, view=view)
+            result.timing_s["read"] = round(t_read, 4)      # the read happened here, timed around itself
+            result.timing_s["total"] = round(result.timing_s.get("total", 0.0) + t_read, 4)
             write_study(result, out, sid, cine=cine, summary=summary)
             results.append(_row_of(out, sid))
             done.append(sid)
@@ -301,7 +312,7 @@ def _analyze_items(items, missing, out, rank, world, models, device, segment, su
                 print(f"error: could not record the failure in failed.csv: {e2}", file=sys.stderr)
             print(f"error: {path.name}: {reason}", file=sys.stderr)
         if progress:
-            print(f"PROGRESS {k + 1}/{len(mine)} {path.name}", flush=True)
+            print(f"PROGRESS {k + 1}/{len(mine)} {sid}", flush=True)
         if stopped:
             print(f"error: {stopped}", file=sys.stderr)
             break
@@ -357,6 +368,11 @@ def cli(argv) -> int:
     ap.add_argument("--max-cycles", type=int, default=None,
                     help="run the models on the first N full cardiac cycles only (faster; default: all)")
     ap.add_argument("--no-summary", action="store_true", help="skip the PNG summaries (faster batches)")
+    ap.add_argument("--view", default=None, choices=["A2C", "A3C", "A4C", "A5C", "PLAX", "PSAX", "other"],
+                    help="the view of every input as you know it; volumes (apical methods) run only for an "
+                         "apical view, said by the view model (confident) or by this option")
+    ap.add_argument("--keep-paths", action="store_true",
+                    help="write paths.csv (study id -> input path) into --out; without it no output names a file")
     ap.add_argument("--masks", default=None, metavar="FILE.nrrd",
                     help="label maps [T, H, W] of one input cine with one or more labelled frames (1 LV endo, "
                          "2 LV myocardium, 3 LA): propagated to every frame (docs/propagation.md)")
@@ -372,7 +388,8 @@ def cli(argv) -> int:
             return 2
     try:
         report = analyze_paths(a.paths, a.out, models=a.models, device=a.device, segment=a.segment,
-                               summary=not a.no_summary, max_cycles=a.max_cycles, masks=masks)
+                               summary=not a.no_summary, max_cycles=a.max_cycles, masks=masks, view=a.view,
+                               keep_paths=a.keep_paths)
     except (OutputFolderError, CheckpointError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

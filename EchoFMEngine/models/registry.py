@@ -291,11 +291,20 @@ def cli(argv: Sequence[str]) -> int:
             e = store.import_file(a.file, a.task)
             print(f"imported {e['task']}: {store.folder / e['file']} (sha256 {e['sha256'][:12]}...)")
         elif a.cmd == "list":
+            from ..analysis.provenance import store_provenance
+
             entries = store.entries()
+            prov = store_provenance(store)       # the same provenance every analysis result carries
             print(f"models folder: {store.folder}")
             for t in TASKS:
                 e = entries.get(t)
                 print(f"  {t:<8} " + (f"{e['file']}  labels={e.get('labels')}" if e else "(none)"))
+                if e:
+                    p = prov.get(t, {})
+                    phantoms = {True: "yes", False: "no", None: "unknown"}[p.get("trained_on_phantoms")]
+                    print(f"           sha256={p.get('sha256')}  trained_on={p.get('trained_on')!r}  "
+                          f"trained_on_phantoms={phantoms}  created={p.get('created') or 'unknown'}  "
+                          f"imported={p.get('imported_at') or 'unknown'}")
             for name, e in store.encoders().items():
                 print(f"  encoder {name}: {e['file']}  source={e.get('source')} revision={e.get('revision')} "
                       f"licence={e.get('licence')}")

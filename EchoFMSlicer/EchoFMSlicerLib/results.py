@@ -50,6 +50,24 @@ def read_masks(path) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
+def flag_lines(d: dict) -> list:
+    """The result's flags as ``"name: reason"`` lines (the checks that failed; show them first, in red)."""
+    out = []
+    for f in d.get("flags") or []:
+        out.append(f"{f.get('name', 'flag')}: {f.get('reason', '')}" if isinstance(f, dict) else str(f))
+    return out
+
+
+def unreliable_measurements(d: dict) -> dict:
+    """``{measurement: [flag names]}`` for each number a failed check makes unreliable."""
+    m = d.get("measurements") or {}
+    rel, why = m.get("reliable") or {}, m.get("unreliable_because") or {}
+    out = {k: list(why.get(k, [])) for k, ok in rel.items() if ok is False}
+    if (d.get("phase") or {}).get("heart_rate_reliable") is False:
+        out["heart_rate_bpm"] = [f.get("name") for f in d.get("flags") or [] if isinstance(f, dict)][:3]
+    return out
+
+
 def _check_cine(d: dict, cine_nodes: CineNodes, where: Path) -> None:
     c = d.get("cine") or {}
     want = (c.get("frames"), c.get("height"), c.get("width"))
@@ -74,13 +92,16 @@ def _pair(d: dict, segmented: list) -> Optional[tuple]:
 def apply_analysis_result(scene, cine_nodes: CineNodes, result_folder, logics: Optional[Logics] = None) -> dict:
     """Nodes for one analysed study. Returns ``result`` (the JSON), ``view``, ``phase``, ``scores``,
     ``flags``, ``needs``, ``segmentation_sequence``, ``ed_segmentation``, ``es_segmentation``,
-    ``measurements_table``, ``volume_plot`` (None where the result has nothing for it), ``notes``."""
+    ``measurements_table``, ``volume_plot`` (None where the result has nothing for it), ``notes``;
+    ``flags`` are ``"name: reason"`` lines, ``unreliable`` maps each unreliable number to its flags and
+    ``provenance`` says which models and methods made the result."""
     logics = logics_for(scene, logics)
     folder = Path(result_folder)
     d = read_analysis_result(folder)
     _check_cine(d, cine_nodes, folder / "result.json")
     out = {"result": d, "view": d.get("view"), "phase": d.get("phase"), "scores": d.get("scores"),
-           "flags": d.get("flags", []), "needs": d.get("needs", {}), "segmentation_sequence": None,
+           "flags": flag_lines(d), "unreliable": unreliable_measurements(d), "provenance": d.get("provenance") or {},
+           "needs": d.get("needs", {}), "segmentation_sequence": None,
            "ed_segmentation": None, "es_segmentation": None, "measurements_table": None, "volume_plot": None,
            "notes": []}
     seg = d.get("segmentation")
@@ -109,6 +130,14 @@ def apply_analysis_result(scene, cine_nodes: CineNodes, result_folder, logics: O
         m = d.get("measurements")
         if m:
             out["measurements_table"] = measurements_table(scene, m, f"{name} measurements (AI)")
+            note = out["measurements_table"].GetTable().GetColumnByName("note")
+            rows = {"edv": 0, "esv": 1, "ef_percent": 2, "la_volume": 3}
+            for key, why in out["unreliable"].items():     # the table says which numbers not to trust
+                out["measurements_table"].SetAttribute(f"EchoFM.unreliable.{key}", ", ".join(why) or "failed check")
+                if key in rows and note is not None and rows[key] < note.GetNumberOfValues():
+                    note.SetValue(rows[key], "UNRELIABLE: " + (", ".join(why) or "failed check"))
+            if out["flags"]:
+                out["measurements_table"].SetAttribute("EchoFM.flags", "\n".join(out["flags"]))
             vols = m.get("lv_volume") or []
             if len(vols) == cine_nodes.num_frames and any(v is not None for v in vols):
                 times = np.asarray([frame_marker_time(cine_nodes.browser, i) for i in range(cine_nodes.num_frames)])
