@@ -165,7 +165,11 @@ def compare_peaks(detected: np.ndarray, reference: np.ndarray, fs: float, tolera
 
 def read_wfdb(record_path, lead: str | None = None) -> Ecg:
     """One lead of a WFDB record (``.hea`` + ``.dat``): ``lead`` by name, else lead II/MLII, else the first."""
-    import wfdb
+    import warnings
+
+    with warnings.catch_warnings():  # wfdb's import calls pandas' deprecated set_index(inplace=True): not the user's concern
+        warnings.filterwarnings("ignore", message=r".*inplace keyword.*")
+        import wfdb
 
     path = Path(record_path)
     base = path.with_suffix("") if path.suffix in (".hea", ".dat", ".atr") else path

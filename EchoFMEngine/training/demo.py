@@ -50,6 +50,9 @@ def held_out_clips(cfg, n: int = 4, seed: int = 999) -> tuple[torch.Tensor, np.n
     return torch.stack(clips), np.stack(phases)
 
 
+HELD_OUT_CLIP_0 = "held-out phantom clip 1 of 4 (A4C, 60 bpm, EF 45 %, 2 cycles)"  # held_out_clips()[0]
+
+
 def periodicity_score(model: EchoFM, clips: torch.Tensor, phases: np.ndarray) -> tuple[float, np.ndarray]:
     """Spearman correlation between embedding similarity and cardiac-phase similarity.
 
@@ -95,52 +98,97 @@ def plot_loss(log_csv: Path, out_png: Path) -> None:
 
 
 def plot_similarity(before: np.ndarray, after: np.ndarray, phase: np.ndarray, out_png: Path,
-                    scores: tuple[float, float]) -> None:
+                    scores: tuple[float, float], clip: str = "held-out phantom clip") -> None:
+    """Frame-embedding self-similarity of one held-out clip before and after pretraining, on one
+    colour scale, next to the true cardiac phase of the same temporal indices."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3.6))
-    for ax, sim, title in ((axes[0], before, f"random init (rho={scores[0]:.2f})"),
-                           (axes[1], after, f"pretrained (rho={scores[1]:.2f})")):
-        im = ax.imshow(sim, cmap="viridis")  # own colour range: an untrained model is near 1 everywhere
+    t = before.shape[0]
+    per_token = len(phase) // t
+    token_phase = phase[per_token // 2::per_token][:t]    # phase of each token's middle frame (as scored)
+    off = ~np.eye(t, dtype=bool)
+
+    def ranks(sim):  # percentile rank of each pair's similarity within the clip: what Spearman's rho compares
+        r = np.ones_like(sim, dtype=float)
+        order = np.argsort(np.argsort(sim[off]))
+        r[off] = order / max(1, off.sum() - 1)
+        return r
+    fig, axes = plt.subplots(1, 3, figsize=(12.5, 4.4), layout="constrained",
+                             gridspec_kw={"width_ratios": [1, 1, 1.05]})
+    for ax, sim, name, rho in ((axes[0], before, "random init", scores[0]), (axes[1], after, "pretrained", scores[1])):
+        title = f"{name}: Spearman rho = {rho:.2f}\n(cosine {sim[off].min():.4f} to {sim[off].max():.4f})"
+        im = ax.imshow(ranks(sim), cmap="viridis", vmin=0.0, vmax=1.0, origin="upper")
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("temporal index")
-        ax.set_ylabel("temporal index")
-        fig.colorbar(im, ax=ax, shrink=0.8)
-    axes[2].plot(phase)
-    axes[2].set_title("true cardiac phase (0 = R peak)", fontsize=10)
-    axes[2].set_xlabel("frame")
+        ax.set_xlabel("temporal index (token)")
+        ax.set_ylabel("temporal index (token)")
+        ax.set_xticks(range(0, t, max(1, t // 4)))
+        ax.set_yticks(range(0, t, max(1, t // 4)))
+    fig.colorbar(im, ax=list(axes[:2]), shrink=0.85,
+                 label="similarity rank within the matrix\n(0 = least, 1 = most similar pair)")
+    axes[2].plot(range(t), token_phase, "o-", color="tab:red")
+    axes[2].set_xlim(-0.5, t - 0.5)
+    axes[2].set_ylim(-0.02, 1.02)
+    axes[2].set_xticks(range(0, t, max(1, t // 4)))
+    axes[2].set_xlabel("temporal index (token)")
+    axes[2].set_ylabel("cardiac phase (0 = R peak / ED, 1 = next R)")
+    axes[2].set_title("true cardiac phase of each token", fontsize=10)
+    axes[2].grid(alpha=0.3)
+    fig.suptitle(f"Temporal self-similarity of EchoFM frame embeddings: {clip} "
+                 f"({len(phase)} frames, {per_token} per token)", fontsize=11)
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
 
 
-def plot_segmentation(item: dict, pred: np.ndarray, out_png: Path, scores: dict) -> None:
-    """The labelled frames of one held-out clip with true (solid) and predicted (dashed) contours."""
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    inter, total = np.logical_and(a, b).sum(), a.sum() + b.sum()
+    return float(2 * inter / total) if total else 1.0
+
+
+def plot_segmentation(item: dict, pred: np.ndarray, out_png: Path, scores: dict, clip: str = "") -> None:
+    """The labelled (ED and ES) frames of one held-out clip: truth filled, prediction outlined,
+    with this clip's Dice per structure (the held-out set's mean in the title)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgba
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     from .segment import STRUCTURES
 
     colours = {"lv_endo": "tab:red", "lv_epi": "tab:orange", "la": "tab:cyan"}
-    frames = np.flatnonzero(item["mask_valid"].numpy())[:3]
-    fig, axes = plt.subplots(1, len(frames), figsize=(3.6 * len(frames), 3.9), squeeze=False)
-    for ax, t in zip(axes[0], frames):
-        ax.imshow(item["video"][:, t].permute(1, 2, 0).numpy(), interpolation="bilinear")
-        for s, labels in STRUCTURES.items():
-            for mask, style in ((item["masks"][t].numpy(), "solid"), (pred[t], "dashed")):
-                ax.contour(np.isin(mask, labels).astype(float), levels=[0.5], colors=colours[s],
-                           linestyles=style, linewidths=1.2)
-        ax.set_title(f"held-out frame {t}", fontsize=10)
+    names = {"lv_endo": "LV cavity", "lv_epi": "LV epicardium", "la": "LA"}
+    masks = item["masks"].numpy()
+    frames = np.flatnonzero(item["mask_valid"].numpy())
+    area = np.array([np.isin(masks[t], STRUCTURES["lv_endo"]).sum() for t in frames], float)
+    mid = (area.min() + area.max()) / 2
+    phase = ["ED" if a >= mid else "ES" for a in area]   # phantom ED = largest LV, ES = smallest
+    clip_dice = {s: _dice(np.isin(masks[frames], lab), np.isin(pred[frames], lab)) for s, lab in STRUCTURES.items()}
+    fig, axes = plt.subplots(1, len(frames), figsize=(3.7 * len(frames), 4.6), squeeze=False, layout="constrained")
+    for ax, t, ph in zip(axes[0], frames, phase):
+        ax.imshow(item["video"][:, t].permute(1, 2, 0).numpy().mean(-1), cmap="gray", interpolation="bilinear")
+        for s in ("lv_epi", "la", "lv_endo"):                      # outer first, the cavity on top
+            truth = np.isin(masks[t], STRUCTURES[s])
+            overlay = np.zeros(truth.shape + (4,))
+            overlay[truth] = to_rgba(colours[s], 0.35)
+            ax.imshow(overlay, interpolation="nearest")
+            ax.contour(np.isin(pred[t], STRUCTURES[s]).astype(float), levels=[0.5], colors=colours[s],
+                       linewidths=1.6)
+        d = {s: _dice(np.isin(masks[t], lab), np.isin(pred[t], lab)) for s, lab in STRUCTURES.items()}
+        ax.set_title(f"{ph}, frame {t}\nDice LV {d['lv_endo']:.2f} / epi {d['lv_epi']:.2f} / LA {d['la']:.2f}",
+                     fontsize=9)
         ax.axis("off")
-    handles = [Line2D([], [], color=c, label=f"{s} (held-out Dice {scores[s]['dice']:.2f})")
-               for s, c in colours.items()]
-    handles += [Line2D([], [], color="k", label="truth"), Line2D([], [], color="k", ls="--", label="predicted")]
-    fig.legend(handles=handles, loc="lower center", ncol=5, fontsize=8, frameon=False)
-    fig.suptitle("EchoFM segmentation head on a held-out phantom", fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    handles = [Patch(facecolor=to_rgba(c, 0.35), edgecolor=c,
+                     label=f"{names[s]}: this clip Dice {clip_dice[s]:.2f}") for s, c in colours.items()]
+    handles += [Patch(facecolor=(0.5, 0.5, 0.5, 0.35), label="filled = truth"),
+                Line2D([], [], color="0.3", lw=1.6, label="line = prediction")]
+    fig.legend(handles=handles, loc="outside lower center", ncol=5, fontsize=8, frameon=False)
+    mean = np.mean([scores[s]["dice"] for s in STRUCTURES])
+    fig.suptitle(f"EchoFM segmentation head on a held-out phantom{' (' + clip + ')' if clip else ''}: "
+                 f"ED/ES frames\n(held-out set mean Dice {mean:.2f}; ED = largest true LV, ES = smallest)",
+                 fontsize=10)
     fig.savefig(out_png, dpi=120)
     plt.close(fig)
 
@@ -163,8 +211,9 @@ def segmentation_demo(encoder: EchoFM, out: Path, settings: dict, progress: bool
     on_train = evaluate_segmentation(model, train, n_boot=200)
     save_segmenter(model, out / "segment" / "model", extra={"trained_on": "EchoFM phantoms (demo)",
                                                             "held_out_mean_dice": held_out["mean_dice"]})
-    plot_segmentation(test[0], predict_items(model, test[:1])[0].numpy(), out / "segmentation.png",
-                      held_out["structures"])
+    first = test[0]
+    plot_segmentation(first, predict_items(model, test[:1])[0].numpy(), out / "segmentation.png",
+                      held_out["structures"], clip=f"clip 1 of {len(test)}: {first['view']}, EF {first['ef']:.0f} %")
     hist = model.history
     k = max(1, min(10, len(hist) // 4))
     return {"settings": s, "mode": "frozen encoder" if s["freeze_encoder"] else "full fine-tuning",
@@ -188,8 +237,10 @@ def analysis_demo(out: Path, seed: int = 4242) -> dict:
     study = make_study("A4C", n_frames=60, size=(160, 192), fps=30.0, heart_rate_bpm=70, ef=50.0, seed=seed)
     (out / "studies").mkdir(parents=True, exist_ok=True)
     write_dicom(study, out / "studies" / "phantom_a4c.dcm")
-    analyze_paths([out / "studies"], out / "analysis", models=store.folder, progress=False)
-    result = json.loads((out / "analysis" / "phantom_a4c" / "result.json").read_text())
+    report = analyze_paths([out / "studies"], out / "analysis", models=store.folder, progress=False)
+    if not report["done"]:
+        raise RuntimeError(f"the demo's phantom study could not be analysed: {report['failed']}")
+    result = json.loads((out / "analysis" / report["done"][0] / "result.json").read_text())
     m = result["measurements"] or {}
     return {"input": "studies/phantom_a4c.dcm (phantom with ECG)", "folder": str(out / "analysis"),
             "ed_frames": result["phase"]["ed_frames"], "true_ed_frames": [int(f) for f in study.ed_frames],
@@ -231,7 +282,8 @@ def run_demo(out: Path, overrides: list[str] = (), progress: bool = True) -> dic
     before, sims_before = periodicity_score(untrained, clips, phases)
     after, sims_after = periodicity_score(model, clips, phases)
     plot_loss(out / "pretrain" / "log.csv", out / "loss_curve.png")
-    plot_similarity(sims_before[0], sims_after[0], phases[0], out / "self_similarity.png", (before, after))
+    plot_similarity(sims_before[0], sims_after[0], phases[0], out / "self_similarity.png", (before, after),
+                    clip=HELD_OUT_CLIP_0)
     rows = list(csv.DictReader(open(out / "pretrain" / "log.csv")))
     metrics = {
         "pretrain": {"steps": summary["steps"], "clips_per_s": summary["clips_per_s"],
