@@ -110,3 +110,26 @@ def test_global_batch_must_split_over_the_processes(tmp_path):
     info = distributed.DistInfo(rank=0, world_size=3)
     with pytest.raises(ConfigError, match="does not split over 3 processes"):
         finetune._run(view_config(tmp_path / "r"), info, progress=False)
+
+
+def test_rank_blocks_cover_the_split_in_order_and_merge_back():
+    from EchoFMEngine.training import distributed
+    from EchoFMEngine.training.task_eval import merge_predictions
+
+    for n, world in ((5, 2), (1, 2), (7, 3), (0, 2)):
+        blocks = [distributed.shard_range(n, distributed.DistInfo(rank=r, world_size=world)) for r in range(world)]
+        assert [i for b in blocks for i in b] == list(range(n))
+    parts = [{"y": torch.tensor([0, 1]).numpy(), "pred": [1.0, 2.0]}, {}, {"y": torch.tensor([1]).numpy(),
+                                                                           "pred": [3.0]}]
+    merged = merge_predictions(parts)
+    assert merged["y"].tolist() == [0, 1, 1] and merged["pred"] == [1.0, 2.0, 3.0]
+
+
+def test_non_finite_check_names_the_first_bad_loss():
+    from EchoFMEngine.training import distributed
+
+    info = distributed.DistInfo()
+    assert distributed.all_finite([torch.tensor(1.0), torch.tensor(2.0)], info) == (True, -1)
+    assert distributed.all_finite([torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(float("inf"))],
+                                  info) == (False, 1)
+    assert distributed.all_finite([], info) == (True, -1)

@@ -1,8 +1,11 @@
 """`bench train`: full optimiser steps (AdamW, autocast, optional torch.compile) of a preset,
 with clips/s, peak memory and - on CUDA - model FLOPs utilisation; optionally how many clips/s a
 prepared cache delivers through a DataLoader, to tell whether the loader keeps the GPU fed.
+Under torchrun every process runs DDP steps (gloo on CPU, NCCL on CUDA) and prints its own
+figures (``rank``), rank 0 also the sum over processes.
 
     python -m EchoFMEngine bench train --preset vit_l --batch 8 --amp fp32,bf16 --compile
+    torchrun --nproc_per_node=2 -m EchoFMEngine bench train --preset tiny --device cpu --steps 3
 """
 from __future__ import annotations
 
@@ -16,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ..models import build_echofm
-from ..training.distributed import enable_fast_math, resolve_device
+from ..training import distributed
+from ..training.distributed import enable_fast_math
 from ..training.optim import build_optimizer
 from .model import BENCH_CONFIG, _peak_mem_mb, time_steps
 
@@ -105,7 +109,16 @@ def cli(argv) -> int:
     ap.add_argument("--json", default=None, help="write the results to this JSON file")
     a = ap.parse_args(argv)
 
-    device = resolve_device(a.device)
+    info = distributed.setup(a.device)
+    try:
+        return _bench(a, info)
+    finally:
+        distributed.cleanup()
+
+
+def _bench(a, info) -> int:
+    """The timed runs of :func:`cli` in one process of ``info.world_size``."""
+    device = info.device
     enable_fast_math(device)
     amps = (["bf16"] if device.type == "cuda" else ["fp32"]) if a.amp == "auto" else a.amp.split(",")
     results = []
@@ -121,20 +134,28 @@ def cli(argv) -> int:
             opt = build_optimizer(model, {"base_lr": 1e-3, "weight_decay": 0.05, "betas": (0.9, 0.95)},
                                   a.batch, skip=model.no_weight_decay(), fused=device.type == "cuda")
             scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-            run = torch.compile(model, mode=a.compile_mode) if compiled else model
+            wrapped = model
+            if info.enabled:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+                wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                              find_unused_parameters=cfg.contrastive == "none")   # the projector idles
+            run = torch.compile(wrapped, mode=a.compile_mode) if compiled else wrapped
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
             sec = time_steps(make_train_step(model, opt, video, AMP[amp], scaler, run), a.steps,
                              a.warmup + (3 if compiled else 0), device)
             peak = peak_flops(device, amp)
-            row = {"amp": amp, "compile": a.compile_mode if compiled else False, "step_s": sec, "clips_per_s": a.batch / sec,
+            row = {"rank": info.rank, "world_size": info.world_size, "amp": amp, "compile": a.compile_mode if compiled else False, "step_s": sec, "clips_per_s": a.batch / sec,
                    "peak_mem_gb": _peak_mem_mb(device) / 1024, "tflops_per_s": flops / sec / 1e12,
                    "mfu": flops / sec / peak if peak else None}
+            every = distributed.gather_objects(row["clips_per_s"], info)
+            if info.enabled:
+                row["all_processes_clips_per_s"] = sum(every)
             results.append(row)
             print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}),
                   flush=True)
-            del model, opt, run
+            del model, opt, run, wrapped
     out = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "threads": torch.get_num_threads(), "preset": a.preset or "bench-cpu", "batch": a.batch,
            "step_tflop": flops / 1e12, "runs": results}
@@ -147,6 +168,7 @@ def cli(argv) -> int:
         out["loader_keeps_up"] = out["loader_clips_per_s"] >= best
         print(f"loader: {out['loader_clips_per_s']:.1f} clips/s with {a.loader_workers} workers "
               f"(fastest training run needs {best:.1f})")
-    if a.json:
+    out.update(rank=info.rank, world_size=info.world_size)
+    if a.json and info.is_main:
         Path(a.json).write_text(json.dumps(out, indent=2))
     return 0
