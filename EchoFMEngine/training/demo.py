@@ -243,6 +243,7 @@ def analysis_demo(out: Path, seed: int = 4242) -> dict:
     result = json.loads((out / "analysis" / report["done"][0] / "result.json").read_text())
     m = result["measurements"] or {}
     return {"input": "studies/phantom_a4c.dcm (phantom with ECG)", "folder": str(out / "analysis"),
+            "study": report["done"][0],
             "ed_frames": result["phase"]["ed_frames"], "true_ed_frames": [int(f) for f in study.ed_frames],
             "es_frames": result["phase"]["es_frames"], "true_es_frames": [int(f) for f in study.es_frames],
             "phase_method": result["phase"]["method"],
@@ -315,5 +316,5 @@ def cli(argv) -> int:
     metrics = run_demo(Path(a.out), a.overrides, progress=not a.no_progress)
     print(json.dumps(metrics, indent=2))
     print(f"demo finished: see {a.out}/metrics.json, loss_curve.png, self_similarity.png, segmentation.png "
-          f"and {a.out}/analysis/phantom_a4c/ (result.json, masks.nrrd, summary.png)")
+          f"and {Path(a.out) / 'analysis' / metrics['analysis']['study']}/ (result.json, masks.nrrd, summary.png)")
     return 0
