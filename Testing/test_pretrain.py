@@ -132,7 +132,7 @@ def test_demo_runs_end_to_end_with_a_short_schedule(tmp_path):
     ana = metrics["analysis"]           # the fine-tuned segmenter, imported and run by analyze
     assert ana["phase_method"] == "ecg" and len(ana["ed_frames"]) == len(ana["true_ed_frames"])
     assert "segment" not in ana["not_computed"] and "view" in ana["not_computed"]
-    assert (tmp_path / "demo" / "analysis" / "phantom_a4c" / "masks.nrrd").is_file()
+    assert (tmp_path / "demo" / "analysis" / ana["study"] / "masks.nrrd").is_file()   # the derived study id
 
 
 @pytest.mark.parametrize("name", ["demo", "pretrain_vitl_paper", "pretrain_vitb"])
