@@ -39,6 +39,8 @@ def main(argv=None) -> int:
         if not Path(p).exists():
             print(f"{p}: no such file or folder", file=sys.stderr)
             return 2
+    import logging
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     from .app import EchoFMWebApp
     app = EchoFMWebApp(models_folder=args.models, export_folder=args.export)
     app.start(paths=args.paths, host=args.host, port=args.port, token=args.token)

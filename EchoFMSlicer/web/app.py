@@ -104,6 +104,7 @@ class EchoFMWebApp:
         except Exception as e:                          # shown to the user, who can act on it
             self.state.error = f"{what}: {e}"
             log.warning(f"{what} failed: {type(e).__name__}")
+            log.debug("details", exc_info=True)
             return None
 
     def _refresh_cines(self):
@@ -303,8 +304,12 @@ class EchoFMWebApp:
         if made:
             self.ed_seg, self.es_seg = made
             self.edit("ED")
+        log.info(f"masks: {bool(made)} editing={self.state.editing!r} error={self.state.error!r} rows={len(self.state.rows)}")
 
     def edit(self, which: str):
+        self._guard(f"Edit {which}", self._edit, which)
+
+    def _edit(self, which: str):
         seg = self.ed_seg if which == "ED" else self.es_seg
         if seg is None:
             self.state.error = f"no {which} masks: Analyze with a segment model, or Create empty masks"
@@ -494,7 +499,7 @@ class EchoFMWebApp:
                     with html.Div(classes="d-flex mt-1"):
                         v3.VBtn("Undo", click=self.undo, size="small", id="undo")
                         v3.VBtn("Redo", click=self.redo, size="small", id="redo", classes="ml-1")
-                    with html.Table(v_if="rows.length", id="measurements",
+                    with html.Table(v_if="rows.length", classes="measurements",
                                     style="font-size:12px;width:100%;border-collapse:collapse"):
                         with html.Tbody():
                             with html.Tr(v_for="r in rows", key="r.name"):
