@@ -133,3 +133,17 @@ def test_non_finite_check_names_the_first_bad_loss():
     assert distributed.all_finite([torch.tensor(1.0), torch.tensor(float("nan")), torch.tensor(float("inf"))],
                                   info) == (False, 1)
     assert distributed.all_finite([], info) == (True, -1)
+
+
+def test_a_locked_run_folder_is_refused_before_any_work(tmp_path):
+    from EchoFMEngine.atomic import LockedError
+    from EchoFMEngine.training import checkpointing
+
+    out = tmp_path / "run"
+    lock = checkpointing.run_lock(out, "fine-tuning")
+    try:
+        with pytest.raises(LockedError):
+            finetune.run(view_config(out), progress=False)
+        assert not (out / "config.yaml").exists()
+    finally:
+        lock.release()
