@@ -193,3 +193,29 @@ def test_web_workflow_in_chromium(tmp_path):
     assert report["masks"]["ED"]["source"] == "corrected"
     assert report["measurements"]["edv"] == pytest.approx(edv, abs=0.01)
     assert str(avi.stem) not in json.dumps(report)
+
+
+def test_app_on_phantom_with_ecg(tmp_path):
+    """In-process (no browser): an ECG-bearing phantom DICOM gets an ECG plot whose marker follows the
+    frame, ED/ES from the ECG, masks that measure, and the 'needs' message without weights."""
+    try:
+        import trame_slicer  # noqa: F401
+    except ImportError as e:
+        pytest.skip(f"trame-slicer is not installed ({e})")
+    from slicer_support import phantom, write_phantom_dicom
+    from EchoFMSlicer.web.app import EchoFMWebApp
+    study = phantom(n_frames=24)
+    path = write_phantom_dicom(study, tmp_path / "p.dcm")
+    app = EchoFMWebApp(models_folder=tmp_path / "models", export_folder=tmp_path / "export")
+    app.load(str(path))
+    s = app.state
+    assert s.error == "" and s.n_frames == 24 and s.ecg_img.startswith("data:image/png;base64,")
+    m0 = s.ecg_marker
+    s.frame = 10
+    app._on_frame(10)
+    assert 0 <= m0 < s.ecg_marker <= 1
+    app.detect()
+    assert "ecg" in s.phase_text and s.ed is not None and s.es is not None
+    app.create_masks()
+    assert s.editing == "ED" and s.rows[0]["name"] == "EDV"
+    assert "does not exist" in s.models_text
