@@ -54,8 +54,9 @@ def launch(tmp: Path, outs: list, resume: bool = False, kill_at: int = 0) -> lis
     """Run 2 ranks; their returned metrics (a killed launch raises ProcessExitedException)."""
     results = tmp / f"results_{len(list(tmp.glob('results_*')))}"
     results.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), [str(o) for o in outs], str(results), resume, kill_at), nprocs=2,
-             join=True)
+    # fork: the children inherit the imported modules (a spawned child re-imports torch, ~10 s per launch)
+    mp.start_processes(_worker, args=(2, _free_port(), [str(o) for o in outs], str(results), resume, kill_at),
+                       nprocs=2, join=True, start_method="fork")
     return [json.loads((results / f"rank{r}.json").read_text()) for r in range(2)]
 
 
