@@ -6,6 +6,11 @@ Python console and from headless Slicer. Heavy submodules are imported on first 
 from __future__ import annotations
 
 import importlib
+import warnings
+
+# wfdb (imported by neurokit2 and our WFDB reader) calls pandas' deprecated set_index(inplace=True) on
+# import; the warning is wfdb's to fix, not the user's, so it is hidden wherever wfdb gets imported.
+warnings.filterwarnings("ignore", message=r".*inplace keyword.*", module=r"wfdb")
 
 from .cine import Cine, CineReadError, Ecg, SourceInfo
 
