@@ -219,3 +219,41 @@ def test_app_on_phantom_with_ecg(tmp_path):
     app.create_masks()
     assert s.editing == "ED" and s.rows[0]["name"] == "EDV"
     assert "does not exist" in s.models_text
+
+
+def test_token_is_required_by_the_page(tmp_path):
+    """With --token the page connects only when opened with ?secret=TOKEN (wslink's secret)."""
+    from cdp_driver import Chromium, free_port
+    avi = _require()
+    port = free_port()
+    log = tmp_path / "server.log"
+    server = subprocess.Popen([sys.executable, "-m", "EchoFMSlicer.web", str(avi), "--port", str(port),
+                               "--token", "s3cret", "--models", str(tmp_path / "m")], cwd=REPO,
+                              stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    browser = Chromium(CHROMIUM, str(tmp_path / "chrome"))
+    info = "!!document.querySelector('#info') && document.querySelector('#info').innerText.includes('frames')"
+
+    async def run():
+        try:
+            await browser.connect()
+            for _ in range(600):
+                if server.poll() is not None or "serving on" in log.read_text():
+                    break
+                await asyncio.sleep(0.1)
+            await browser.goto(f"http://127.0.0.1:{port}/?secret=wrong")
+            await asyncio.sleep(5)
+            refused = not await browser.js(info)
+            await browser.goto(f"http://127.0.0.1:{port}/?secret=s3cret")
+            await browser.wait_for(info, 60, "the page with the right secret")
+            return refused
+        finally:
+            await browser.close()
+
+    try:
+        assert asyncio.run(run()), "the page connected with a wrong secret"
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
