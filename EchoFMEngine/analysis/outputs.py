@@ -157,6 +157,14 @@ def write_study(result, out: Path, sid: str, cine=None, summary: bool = True) ->
             from .summary import summary_figure
 
             summary_figure(cine, result, stage / "summary.png")
+        if summary and result.phase_view is not None:
+            import matplotlib.pyplot as plt
+
+            from ..phase_strip import phase_strip_figure
+
+            fig = phase_strip_figure(*result.phase_view, title=sid)
+            fig.savefig(stage / "phase.png", dpi=90)
+            plt.close(fig)
         (stage / "result.json").write_text(json.dumps(_finite(d), indent=2, allow_nan=False))
         _fsync_tree(stage)
         if folder.exists():

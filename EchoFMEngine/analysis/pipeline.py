@@ -15,7 +15,7 @@ result's ``input`` is the derived study id.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Optional, Union
 
@@ -50,10 +50,12 @@ class StudyResult:
     masks: Optional[np.ndarray] = field(default=None, repr=False)   # [T, H, W] uint8, original pixels
     study_id: Optional[str] = None
     provenance: dict = field(default_factory=dict)
+    phase_view: Optional[tuple] = field(default=None, repr=False)  # (analysed cine, Phase) for the phase strip
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = asdict(replace(self, masks=None, phase_view=None))  # never deep-copy frames or masks
         d.pop("masks")
+        d.pop("phase_view")
         return d
 
 
@@ -328,6 +330,7 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
                 phase = detect_ed_es(cine, masks=labels_map)
     res.timing_s["segment"] = time.perf_counter() - t
     res.phase = phase.to_dict()
+    res.phase_view = (cine, phase)
     res.phase["analysed_cycles"] = [list(c) for c in cycles]
     plaus.merge(res.flags, getattr(phase, "flags", []))
     if len(phase.ed_frames) < 2:
