@@ -141,14 +141,18 @@ class ModelStore:
         if entry is None:
             raise CheckpointError(f"no encoder {name!r} in {self.folder} (have {sorted(self.encoders())}); get the "
                                   f"released one with `python -m EchoFMEngine models download {name}`")
+        return self._checked(entry, f"encoder {name!r}", "download it again", verify)
+
+    def _checked(self, entry: dict, what: str, fix: str, verify: bool) -> Path:
+        """The entry's file inside the folder, present and (``verify``) matching its SHA-256."""
         path = self._inside(entry.get("file"))
         if not path.is_file():
-            raise CheckpointError(f"{path}: listed as encoder {name!r} in {self.manifest_path} but missing")
+            raise CheckpointError(f"{path}: listed as {what} in {self.manifest_path} but missing")
         if verify and path not in self._verified:
             digest = sha256_of(path)
             if digest != entry.get("sha256"):
-                raise CheckpointError(f"{path}: checksum mismatch for encoder {name!r} (manifest "
-                                      f"{str(entry.get('sha256'))[:12]}..., file {digest[:12]}...); download it again")
+                raise CheckpointError(f"{path}: checksum mismatch for {what} (manifest "
+                                      f"{str(entry.get('sha256'))[:12]}..., file {digest[:12]}...); {fix}")
             self._verified.add(path)
         return path
 
@@ -161,16 +165,7 @@ class ModelStore:
         entry = self.entries().get(task)
         if entry is None:
             return None
-        path = self._inside(entry.get("file"))
-        if not path.is_file():
-            raise CheckpointError(f"{path}: listed for task {task!r} in {self.manifest_path} but missing")
-        if verify and path not in self._verified:
-            digest = sha256_of(path)
-            if digest != entry.get("sha256"):
-                raise CheckpointError(f"{path}: checksum mismatch for task {task!r} (manifest "
-                                      f"{str(entry.get('sha256'))[:12]}..., file {digest[:12]}...); re-import it")
-            self._verified.add(path)
-        return path
+        return self._checked(entry, f"task {task!r}", "re-import it", verify)
 
     def missing(self, tasks: Sequence[str] = TASKS) -> dict:
         """``{task: why}`` for each task without weights in this store."""
