@@ -127,7 +127,17 @@ def export_training_folder(folder, cine: Cine, ed_labels, es_labels, ed_frame: i
            "mask_path": f"studies/{sid}/masks.nrrd", "mask_frames": f"{ed_frame};{es_frame}",
            "ed_source": src["ED"], "es_source": src["ES"], "study_id": sid,
            "ed_frame": ed_frame, "es_frame": es_frame}
-    csv_path = folder / DATASET_CSV
+    csv_path = _put_row(folder, row)
+    if measurements is not None:
+        masks = measurements.get("masks") or {}
+        masks = {p: {**masks.get(p, {}), "frame": f, "source": src[p]} for p, f in (("ED", ed_frame), ("ES", es_frame))}
+        write_report(study, measurements, study_id=sid, cine=cine, view=view, masks=masks)
+    return csv_path
+
+
+def _put_row(folder, row: dict) -> Path:
+    """Add (or replace, by path) one study's row in ``dataset.csv``, written atomically."""
+    csv_path = Path(folder) / DATASET_CSV
     rows = [r for r in _read_rows(csv_path) if r.get("path") != row["path"]] + [row]
 
     def write(tmp):
@@ -136,10 +146,6 @@ def export_training_folder(folder, cine: Cine, ed_labels, es_labels, ed_frame: i
             w.writeheader()
             w.writerows(rows)
     _write_atomic(csv_path, write)
-    if measurements is not None:
-        masks = measurements.get("masks") or {}
-        masks = {p: {**masks.get(p, {}), "frame": f, "source": src[p]} for p, f in (("ED", ed_frame), ("ES", es_frame))}
-        write_report(study, measurements, study_id=sid, cine=cine, view=view, masks=masks)
     return csv_path
 
 
@@ -184,15 +190,7 @@ def export_propagated_study(folder, cine: Cine, labels, frame_sources, view: Opt
            "es_source": src[es_frame] if es_frame is not None else "", "study_id": sid,
            "ed_frame": "" if ed_frame is None else int(ed_frame), "es_frame": "" if es_frame is None else int(es_frame),
            "mask_sources": ";".join(src[f] for f in keep)}
-    csv_path = Path(folder) / DATASET_CSV
-    rows = [r for r in _read_rows(csv_path) if r.get("path") != row["path"]] + [row]
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    _write_atomic(csv_path, write)
+    csv_path = _put_row(folder, row)
     return csv_path
 
 
