@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # EchoFMSlicer/ is a folder of the repository, not an installed package
@@ -48,3 +49,20 @@ def grow_into_myocardium(labels_2d: np.ndarray, rows: int = 2) -> np.ndarray:
     if not stroke.any():
         raise AssertionError("phantom has no myocardium above the cavity to paint")
     return stroke
+
+
+@pytest.fixture(scope="module")
+def study_file(tmp_path_factory):
+    """A 24-frame A4C phantom with known masks, written as a DICOM with an ECG waveform."""
+    study = phantom(n_frames=24, size=(72, 80), view="A4C", fps=30.0, heart_rate_bpm=75, ef=55, seed=11)
+    return study, write_phantom_dicom(study, tmp_path_factory.mktemp("phantom") / "a4c.dcm")
+
+
+@pytest.fixture
+def logic(tmp_path):
+    """The panel's logic on a fresh slicer-core scene."""
+    from EchoFMSlicer.EchoFMSlicerLib.logic import EchoFMLogic
+    from EchoFMSlicer.EchoFMSlicerLib.scene import new_scene
+
+    scene, logics = new_scene()
+    return EchoFMLogic(scene, logics, work_folder=tmp_path / "work")

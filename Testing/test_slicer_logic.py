@@ -13,25 +13,12 @@ import pytest
 
 pytest.importorskip("slicer", reason="slicer-core (PyPI) provides the MRML classes")
 
-from slicer_support import grow_into_myocardium, node_count, phantom, write_phantom_dicom  # noqa: E402
+from slicer_support import grow_into_myocardium, logic, node_count, phantom, study_file  # noqa: E402,F401
 
 from EchoFMSlicer.EchoFMSlicerLib import ecg_nodes, segmentation_nodes as sn  # noqa: E402
 from EchoFMSlicer.EchoFMSlicerLib.cine_nodes import cine_to_nodes  # noqa: E402
 from EchoFMSlicer.EchoFMSlicerLib.logic import EchoFMLogic  # noqa: E402
 from EchoFMSlicer.EchoFMSlicerLib.scene import new_scene  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def study_file(tmp_path_factory):
-    """A 24-frame A4C phantom with known masks, written as a DICOM with an ECG waveform."""
-    study = phantom(n_frames=24, size=(72, 80), view="A4C", fps=30.0, heart_rate_bpm=75, ef=55, seed=11)
-    return study, write_phantom_dicom(study, tmp_path_factory.mktemp("phantom") / "a4c.dcm")
-
-
-@pytest.fixture
-def logic(tmp_path):
-    scene, logics = new_scene()
-    return EchoFMLogic(scene, logics, work_folder=tmp_path / "work")
 
 
 def edv_of(labels, spacing):
