@@ -34,25 +34,6 @@ from ..models.checkpoint import CheckpointError
 from .outputs import CSV_COLUMNS, csv_row, study_id, write_study
 from .pipeline import analyze
 
-
-def expand_inputs(paths: Iterable[Union[str, Path]]) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Input files in order (folders searched recursively) and ``(name, reason)`` for paths not found."""
-    from ..data.files import find_cines
-
-    files, missing = [], []
-    for p in map(Path, paths):
-        if p.is_dir():
-            found = find_cines(p)
-            if not found:
-                missing.append((p.name, "folder holds no readable cine file"))
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            missing.append((p.name, "no such file or folder"))
-    return files, missing
-
-
 RUN_FILE = ".echofm-run.json"
 FAILED_COLUMNS = ["input", "reason"]
 
