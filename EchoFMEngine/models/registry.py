@@ -65,14 +65,20 @@ class ModelStore:
     def manifest_path(self) -> Path:
         return self.folder / MANIFEST
 
-    def entries(self) -> dict:
-        """``{task: entry}`` from the manifest (empty when the folder or manifest is absent)."""
+    def _manifest(self):
+        """The parsed manifest (None when the folder or manifest is absent)."""
         if not self.manifest_path.is_file():
-            return {}
+            return None
         try:
-            data = json.loads(self.manifest_path.read_text())
+            return json.loads(self.manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CheckpointError(f"{self.manifest_path}: unreadable manifest: {e}") from None
+
+    def entries(self) -> dict:
+        """``{task: entry}`` from the manifest (empty when the folder or manifest is absent)."""
+        data = self._manifest()
+        if data is None:
+            return {}
         tasks = data.get("tasks") if isinstance(data, dict) else None
         if not isinstance(tasks, dict):
             raise CheckpointError(f"{self.manifest_path}: manifest has no 'tasks' mapping")
@@ -89,12 +95,7 @@ class ModelStore:
     # ------------------------------------------------------------------ encoders (released weights)
     def encoders(self) -> dict:
         """``{name: entry}`` of pretrained encoders (e.g. ``echofm-vitl`` from ``models download``)."""
-        if not self.manifest_path.is_file():
-            return {}
-        try:
-            data = json.loads(self.manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{self.manifest_path}: unreadable manifest: {e}") from None
+        data = self._manifest()
         enc = data.get("encoders", {}) if isinstance(data, dict) else {}
         return enc if isinstance(enc, dict) else {}
 
