@@ -18,7 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from EchoFMEngine.cine import Cine
-from EchoFMEngine.image_beats import LOW_CONFIDENCE, MIN_QUALITY, blood_pool_signal, detect_image_beats
+from EchoFMEngine.image_beats import (LOW_CONFIDENCE, MIN_QUALITY, ImageBeats, blood_pool_signal,
+                                     detect_image_beats)
 
 MAX_HR_BPM = 220.0
 MIN_SAME_KIND_S = 60.0 / MAX_HR_BPM  # 0.273 s: two EDs (or two ESs) are at least one beat apart
@@ -257,9 +258,9 @@ def _period(cine: Cine, ed: list) -> Optional[float]:
     return estimate_period_frames(cine)
 
 
-def _from_image(cine: Cine, phase: Phase) -> None:
-    """ED/ES of every beat from the images (``image_beats``), with confidences and flags."""
-    found = detect_image_beats(cine)
+def _from_image(cine: Cine, phase: Phase, found: Optional[ImageBeats] = None) -> None:
+    """ED/ES of every beat from the images (``image_beats``, or ``found`` already), with confidences and flags."""
+    found = found if found is not None else detect_image_beats(cine)
     phase.ed_frames, phase.es_frames = list(found.ed), list(found.es)
     phase.ed_confidence, phase.es_confidence = list(found.ed_confidence), list(found.es_confidence)
     phase.signal, phase.signal_name = found.signal, "blood pool (dark share of the upper scan sector)"
@@ -282,9 +283,10 @@ def _from_image(cine: Cine, phase: Phase) -> None:
         phase.flag("no_heartbeat_found", found.reason or "no ED or ES visible in the clip")
 
 
-def ecg_usability(cine: Cine) -> tuple[bool, str]:
+def ecg_usability(cine: Cine, found: Optional[ImageBeats] = None) -> tuple[bool, str]:
     """Whether the cine's ECG can place ED: it must have R peaks, a quality of a real ECG and a
-    heart rate that the images do not contradict. (usable, reason when not)."""
+    heart rate that the images (``found``, detected when not given) do not contradict.
+    (usable, reason when not)."""
     from EchoFMEngine.ecg import ecg_quality
 
     ecg = cine.ecg
@@ -299,7 +301,7 @@ def ecg_usability(cine: Cine) -> tuple[bool, str]:
     hr_ecg = _ecg_heart_rate(cine)
     if not np.isfinite(hr_ecg) or not 30.0 <= hr_ecg <= MAX_HR_BPM:
         return False, f"ECG heart rate {hr_ecg:.0f} bpm is not physiological"
-    found = detect_image_beats(cine)
+    found = found if found is not None else detect_image_beats(cine)
     if found.period_frames and found.quality >= 0.6:
         hr_img = 60.0 * cine.fps / found.period_frames
         if abs(hr_img - hr_ecg) > ECG_IMAGE_AGREEMENT * hr_ecg:
@@ -324,9 +326,10 @@ def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,)) -> Pha
         area = lv_area_curve(_masks_checked(masks, cine), lv_labels)
     min_same, min_opp = _frames(MIN_SAME_KIND_S, fps), _frames(MIN_OPPOSITE_S, fps)
 
-    r_frames = None
+    r_frames, beats = None, None
     if cine.ecg is not None:
-        usable, why = ecg_usability(cine)
+        beats = detect_image_beats(cine)  # judges the ECG and, if it is not usable, places the events
+        usable, why = ecg_usability(cine, beats)
         if usable:
             r_frames = ecg_peak_frames(cine)
             if r_frames is None:
@@ -372,7 +375,7 @@ def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,)) -> Pha
             return phase
         notes.append("masks unusable for ED/ES: falling back to the images")
 
-    _from_image(cine, phase)
+    _from_image(cine, phase, beats)
     notes.insert(0, "ED/ES from the images alone: ED at the top and ES at the bottom of each systolic "
                     "downstroke of the blood-pool signal (upper scan sector, apical views)")
     if len(phase.ed_frames) < 2:
