@@ -38,8 +38,11 @@ def _thumbnails(cine: Cine, frames: list) -> list:
 
 def phase_strip_figure(cine: Cine, phase: Phase, title: str = "cine") -> plt.Figure:
     """Signal with ED/ES marks and the ED/ES frames as thumbnails (see the module docstring)."""
-    events = sorted([(f, "ED", c) for f, c in zip(phase.ed_frames, phase.ed_confidence or [1.0] * 99)] +
-                    [(f, "ES", c) for f, c in zip(phase.es_frames, phase.es_confidence or [1.0] * 99)])
+    def confident(frames, conf):  # a Phase made without confidences counts every event as sure
+        return zip(frames, conf if len(conf) == len(frames) else [1.0] * len(frames))
+
+    events = sorted([(f, "ED", c) for f, c in confident(phase.ed_frames, phase.ed_confidence)] +
+                    [(f, "ES", c) for f, c in confident(phase.es_frames, phase.es_confidence)])
     shown = events[:MAX_THUMBS]
     fig = plt.figure(figsize=(12, 5.6 if shown else 3.4))
     grid = fig.add_gridspec(2 if shown else 1, max(1, len(shown)), height_ratios=[1.3, 1] if shown else [1])
