@@ -6,6 +6,9 @@ Python console and from headless Slicer. Heavy submodules are imported on first 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import sys
 import warnings
 
 # wfdb (imported by neurokit2 and our WFDB reader) calls pandas' deprecated set_index(inplace=True) on
@@ -21,10 +24,41 @@ _LAZY = {
     "build_echofm": ("EchoFMEngine.models", "build_echofm"),
     "load_official_checkpoint": ("EchoFMEngine.models", "load_official_checkpoint"),
     "analyze": ("EchoFMEngine.analysis", "analyze"),
-    "propagate_masks": ("EchoFMEngine.propagate", "propagate_masks"),
-    "detect_ed_es": ("EchoFMEngine.phase", "detect_ed_es"),
-    "lv_volume_ml": ("EchoFMEngine.measure", "lv_volume_ml"),
+    "propagate_masks": ("EchoFMEngine.clinical.propagate", "propagate_masks"),
+    "detect_ed_es": ("EchoFMEngine.clinical.phase", "detect_ed_es"),
+    "lv_volume_ml": ("EchoFMEngine.clinical.measure", "lv_volume_ml"),
+    "build_dataset": ("EchoFMEngine.data", "build_dataset"),
 }
+
+
+# Modules that moved in the 0.2 layout. Their old import paths keep working (users' scripts and notebooks
+# import them) and warn once; the old name is the same module object, so monkeypatching either works.
+MOVED = {
+    **{f"EchoFMEngine.{name}": f"EchoFMEngine.clinical.{name}"
+       for name in ("ecg", "cycles", "image_beats", "phase", "phase_strip", "measure", "geometry", "propagate")},
+    "EchoFMEngine.synthetic": "EchoFMEngine.clinical.phantoms",
+}
+
+
+class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves an old module path in :data:`MOVED` to the module at its new place."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in MOVED:
+            return None
+        return importlib.util.spec_from_loader(fullname, self)
+
+    def create_module(self, spec):
+        warnings.warn(f"{spec.name} moved to {MOVED[spec.name]}; the old path will be removed in a later release",
+                      DeprecationWarning, stacklevel=3)
+        return importlib.import_module(MOVED[spec.name])
+
+    def exec_module(self, module):
+        pass
+
+
+if not any(isinstance(finder, _MovedModuleFinder) for finder in sys.meta_path):
+    sys.meta_path.append(_MovedModuleFinder())
 
 
 def __getattr__(name):

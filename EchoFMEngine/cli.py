@@ -9,14 +9,14 @@ import importlib
 import sys
 
 COMMANDS = {
-    "phantom": ("EchoFMEngine.synthetic", "write phantom echo studies with known truth"),
+    "phantom": ("EchoFMEngine.clinical.phantoms", "write phantom echo studies with known truth"),
     "pretrain": ("EchoFMEngine.training.pretrain", "pretrain EchoFM from a config (same as train.py --config)"),
     "prepare": ("EchoFMEngine.data.prepare", "cut full-cycle clips from a tree of studies into a cache"),
     "bench": ("EchoFMEngine.bench", "speed and memory benchmarks (bench --help lists each with its options)"),
     "info": ("EchoFMEngine.models.checkpoint", "describe a checkpoint file"),
     "finetune": ("EchoFMEngine.training.entry:finetune_cli", "fine-tune a downstream task (same as train.py --config)"),
     "evaluate": ("EchoFMEngine.evaluation.evaluate", "evaluate a fine-tuned checkpoint: metrics.json + figures"),
-    "phase": ("EchoFMEngine.phase_strip", "ED/ES of every beat: a phase-strip PNG and a JSON per cine"),
+    "phase": ("EchoFMEngine.clinical.phase_strip", "ED/ES of every beat: a phase-strip PNG and a JSON per cine"),
     "analyze": ("EchoFMEngine.analysis", "analyse cine loops: view, ED/ES, masks, volumes, EF, scores"),
     "models": ("EchoFMEngine.models.registry", "the local models folder: list, import a weights file"),
 }

@@ -454,7 +454,7 @@ class EchoFMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """Track the ED/ES masks through every frame (in this process: progress here, Cancel stops it)."""
         if not self._requirePackages():
             return
-        from EchoFMEngine.propagate import PropagationCancelled
+        from EchoFMEngine.clinical.propagate import PropagationCancelled
         p = self._parameterNode
         segs = [s for s in (p.edSegmentation, p.esSegmentation) if s is not None]
         self._propagating, self._propagateCancel = True, False
@@ -616,8 +616,8 @@ class EchoFMSlicerTest(ScriptedLoadableModuleTest):
         if missing:
             self.skipTest("EchoFM's Python packages are not installed: " + ", ".join(missing))
         import numpy as np
-        from EchoFMEngine.measure import lv_volume_ml
-        from EchoFMEngine.synthetic import make_study, write_dicom
+        from EchoFMEngine.clinical.measure import lv_volume_ml
+        from EchoFMEngine.clinical.phantoms import make_study, write_dicom
 
         self.delayDisplay("Phantom DICOM with ECG")
         study = make_study("A4C", n_frames=32, size=(96, 112), fps=30.0, heart_rate_bpm=75, ef=55, seed=5)

@@ -15,13 +15,13 @@ if str(REPO) not in sys.path:  # EchoFMSlicer/ is a folder of the repository, no
 def phantom(n_frames: int = 40, size=(64, 80), spacing_mm=(0.9, 1.4), seed: int = 3, **kw):
     """A small phantom study with known masks; anisotropic spacing and a non-square frame, so a
     swapped row/column axis or a flip cannot pass unnoticed."""
-    from EchoFMEngine.synthetic import make_study
+    from EchoFMEngine.clinical.phantoms import make_study
 
     return make_study(n_frames=n_frames, size=size, spacing_mm=spacing_mm, seed=seed, **kw)
 
 
 def write_phantom_dicom(study, path, photometric: str = "RGB") -> Path:
-    from EchoFMEngine.synthetic import write_dicom
+    from EchoFMEngine.clinical.phantoms import write_dicom
 
     return write_dicom(study, path, photometric=photometric)
 

@@ -17,7 +17,7 @@ from EchoFMEngine.models import build_echofm
 from EchoFMEngine.models.checkpoint import CheckpointError
 from EchoFMEngine.models.heads import EchoFMSegmenter
 from EchoFMEngine.models.registry import ModelStore, sha256_of
-from EchoFMEngine.synthetic import make_study, write_dicom
+from EchoFMEngine.clinical.phantoms import make_study, write_dicom
 from EchoFMEngine.training.segment import save_segmenter
 
 REPO = Path(__file__).resolve().parents[1]

@@ -128,7 +128,7 @@ def test_sampled_parameters_stay_in_the_paper_ranges():
 
 
 def test_phantom_masks_stay_on_their_anatomy_after_augmentation():
-    from EchoFMEngine.synthetic import make_study
+    from EchoFMEngine.clinical.phantoms import make_study
 
     st = make_study(view="A4C", n_frames=6, size=(96, 96), seed=4, with_ecg=False, overlay=False)
     video = torch.from_numpy(st.cine.frames).permute(3, 0, 1, 2).float() / 255.0

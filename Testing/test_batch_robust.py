@@ -314,7 +314,7 @@ def test_a_truncated_video_is_read_with_a_flag(tmp_path, no_models):
 
 @pytest.fixture(scope="module")
 def dicom_file(tmp_path_factory):
-    from EchoFMEngine.synthetic import make_study, write_dicom
+    from EchoFMEngine.clinical.phantoms import make_study, write_dicom
 
     study = make_study("A4C", n_frames=12, size=(48, 48), seed=3)
     return write_dicom(study, tmp_path_factory.mktemp("dcm") / "a4c.dcm")

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from EchoFMEngine.cine import Cine
-from EchoFMEngine.cycles import (clip_windows, estimate_period_frames, resample_cycle, reverse_pad,
+from EchoFMEngine.clinical.cycles import (clip_windows, estimate_period_frames, resample_cycle, reverse_pad,
                                  split_cycles)
-from EchoFMEngine.synthetic import make_study
+from EchoFMEngine.clinical.phantoms import make_study
 
 SEEDS = (0, 1, 2)
 

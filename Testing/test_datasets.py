@@ -16,7 +16,7 @@ T, S = 16, 64  # clip frames and side used throughout (small: fast tests)
 
 # ----------------------------------------------------------------------------- helpers
 def _study(seed, view="A4C", n_frames=48, size=(112, 112), hr=75.0, **kw):
-    from EchoFMEngine.synthetic import make_study
+    from EchoFMEngine.clinical.phantoms import make_study
 
     return make_study(view=view, n_frames=n_frames, size=size, fps=30.0, heart_rate_bpm=hr,
                       seed=seed, with_ecg=False, **kw)
@@ -54,7 +54,7 @@ def _grey(video: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- EchoNet
 @pytest.fixture(scope="module")
 def echonet(tmp_path_factory):
-    from EchoFMEngine.synthetic import write_avi
+    from EchoFMEngine.clinical.phantoms import write_avi
 
     root = tmp_path_factory.mktemp("EchoNet-Dynamic")
     (root / "Videos").mkdir()
@@ -275,7 +275,7 @@ def test_tmed2_unknown_view_names_file_row_and_value(tmp_path):
 
 # ----------------------------------------------------------------------------- AR multi-view
 def _ar(root: Path, rows: list[dict]):
-    from EchoFMEngine.synthetic import write_avi
+    from EchoFMEngine.clinical.phantoms import write_avi
 
     (root / "clips").mkdir(parents=True, exist_ok=True)
     for r in rows:
@@ -314,7 +314,7 @@ def test_ar_multiview_rejects_bad_severity(tmp_path):
 # ----------------------------------------------------------------------------- generic CSV and folder
 @pytest.fixture(scope="module")
 def own_data(tmp_path_factory):
-    from EchoFMEngine.synthetic import write_avi, write_dicom
+    from EchoFMEngine.clinical.phantoms import write_avi, write_dicom
 
     root = tmp_path_factory.mktemp("own")
     sts = {}

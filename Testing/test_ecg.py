@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from EchoFMEngine.cine import CineReadError, Ecg
-from EchoFMEngine.ecg import (compare_peaks, detect_r_peaks, ecg_from_dicom, ecg_quality, heart_rate_bpm,
+from EchoFMEngine.clinical.ecg import (compare_peaks, detect_r_peaks, ecg_from_dicom, ecg_quality, heart_rate_bpm,
                               is_lead_ii, peaks_to_frames, read_ecg_csv, read_wfdb)
 
 BEAT_SYMBOLS = set("NLRBAaJSVrFejnE/fQ?")  # PhysioNet beat annotation codes (not rhythm/noise marks)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from EchoFMEngine.cine import Cine
-from EchoFMEngine.measure import cardiac_measurements
+from EchoFMEngine.clinical.measure import cardiac_measurements
 from EchoFMEngine.metrics import dice
 from EchoFMEngine.models import build_echofm
-from EchoFMEngine.phase import detect_ed_es, event_accuracy
+from EchoFMEngine.clinical.phase import detect_ed_es, event_accuracy
 from EchoFMEngine.training.data import phantom_clip
 from EchoFMEngine.training.segment import finetune_segmentation, predict_items
 

@@ -206,7 +206,7 @@ def test_task_mismatch_is_a_clear_error(segmenter_dir, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def csv_root(tmp_path_factory):
     """A CSV dataset: two phantom clips (.npy, no spacing) with ED/ES masks and views, one broken file."""
-    from EchoFMEngine.synthetic import make_study
+    from EchoFMEngine.clinical.phantoms import make_study
 
     root = tmp_path_factory.mktemp("csvdata")
     lines = ["path,split,view,mask_path,mask_frames"]

@@ -164,7 +164,7 @@ def test_ar_phantoms_have_missing_views_and_proxy_labels():
 @pytest.fixture(scope="module")
 def csv_root(tmp_path_factory):
     """Four phantom clips as .npy files with ED/ES masks, listed in a CSV (train/val/test)."""
-    from EchoFMEngine.synthetic import make_study
+    from EchoFMEngine.clinical.phantoms import make_study
 
     root = tmp_path_factory.mktemp("csvdata")
     rows = ["path,split,view,ef,mask_path,mask_frames"]

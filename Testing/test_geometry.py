@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from EchoFMEngine.geometry import SectorTransform, blank_outside, find_sector, prepare_frames
-from EchoFMEngine.synthetic import make_study
+from EchoFMEngine.clinical.geometry import SectorTransform, blank_outside, find_sector, prepare_frames
+from EchoFMEngine.clinical.phantoms import make_study
 
 
 @pytest.fixture(scope="session", params=[(128, 128), (112, 160)], ids=["square", "wide"])

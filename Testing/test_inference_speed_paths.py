@@ -13,7 +13,7 @@ from EchoFMEngine.analysis import analyze, inference
 from EchoFMEngine.bench.analyze import run_case, stage_table, timing_models
 from EchoFMEngine.models import build_echofm
 from EchoFMEngine.models.heads import EchoFMClassifier, EchoFMRegressor
-from EchoFMEngine.synthetic import make_study
+from EchoFMEngine.clinical.phantoms import make_study
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SMALL = dict(img_size=32, num_frames=8, tubelet=2, patch_size=8)

@@ -10,9 +10,9 @@ import pytest
 from skimage.draw import polygon as draw_polygon
 
 from EchoFMEngine.data.tracings import rasterise_tracing, tracing_polygon, tracing_volume
-from EchoFMEngine.measure import (area_length_volume_ml, biplane_volume_ml, cardiac_measurements,
+from EchoFMEngine.clinical.measure import (area_length_volume_ml, biplane_volume_ml, cardiac_measurements,
                                   ejection_fraction, la_volume_ml, lv_volume, lv_volume_ml)
-from EchoFMEngine.synthetic import make_study
+from EchoFMEngine.clinical.phantoms import make_study
 
 # Midpoint rule with N = 20 discs on a prolate spheroid overestimates by exactly 1 / (2 N^2) =
 # 0.125 %; the rest is the pixel outline: with >= 50 pixels along the long axis the disc

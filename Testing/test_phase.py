@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from EchoFMEngine.cine import Cine
-from EchoFMEngine.phase import MIN_SAME_KIND_S, Phase, detect_ed_es, event_accuracy, lv_area_curve
-from EchoFMEngine.synthetic import make_study
+from EchoFMEngine.clinical.phase import MIN_SAME_KIND_S, Phase, detect_ed_es, event_accuracy, lv_area_curve
+from EchoFMEngine.clinical.phantoms import make_study
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,7 @@ def test_area_curve_events_keep_alternation_and_gaps():
 
 
 def test_event_cleaning_rules():
-    from EchoFMEngine.phase import _clean_events
+    from EchoFMEngine.clinical.phase import _clean_events
 
     ev = [(0, "ed", 10.0), (3, "ed", 12.0), (10, "es", 2.0), (11, "ed", 9.0), (20, "es", 1.0),
           (22, "es", 3.0), (30, "ed", 11.0)]

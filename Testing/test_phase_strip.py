@@ -6,8 +6,8 @@ import json
 
 import numpy as np
 
-from EchoFMEngine.phase_strip import cli
-from EchoFMEngine.synthetic import make_study
+from EchoFMEngine.clinical.phase_strip import cli
+from EchoFMEngine.clinical.phantoms import make_study
 
 
 def test_phase_command_writes_strip_and_json_and_skips_bad_files(tmp_path):

@@ -9,8 +9,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from EchoFMEngine import geometry
-from EchoFMEngine.synthetic import make_study, write_dicom
+from EchoFMEngine.clinical import geometry
+from EchoFMEngine.clinical.phantoms import make_study, write_dicom
 
 NAME = "Surname_Given_PID123"
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from EchoFMEngine import geometry
+from EchoFMEngine.clinical import geometry
 from EchoFMEngine.analysis import analyze
 from EchoFMEngine.analysis import plausibility as P
 from EchoFMEngine.analysis.outputs import csv_row
-from EchoFMEngine.synthetic import make_study
+from EchoFMEngine.clinical.phantoms import make_study
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

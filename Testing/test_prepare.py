@@ -21,7 +21,7 @@ def _rows(path):
 
 @pytest.fixture(scope="module")
 def source_tree(tmp_path_factory):
-    from EchoFMEngine.synthetic import make_study, write_avi, write_dicom
+    from EchoFMEngine.clinical.phantoms import make_study, write_avi, write_dicom
 
     src = tmp_path_factory.mktemp("studies")
     (src / "site1").mkdir()
@@ -81,7 +81,7 @@ def test_prepare_builds_a_cache_and_resumes(source_tree, tmp_path, capsys):
     assert len(_rows(out / "index.csv")) == n_clips
 
     # A new source: only it is processed and appended in a new shard.
-    from EchoFMEngine.synthetic import make_study, write_avi
+    from EchoFMEngine.clinical.phantoms import make_study, write_avi
 
     write_avi(make_study(n_frames=60, size=(96, 96), heart_rate_bpm=120.0, seed=11, with_ecg=False),
               source_tree / "site1" / "new.avi")

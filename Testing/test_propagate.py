@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import EchoFMEngine
-from EchoFMEngine.measure import lv_volume
-from EchoFMEngine.propagate import PropagationCancelled, propagate_masks
-from EchoFMEngine.synthetic import make_study
+from EchoFMEngine.clinical.measure import lv_volume
+from EchoFMEngine.clinical.propagate import PropagationCancelled, propagate_masks
+from EchoFMEngine.clinical.phantoms import make_study
 
 
 def _dice(a, b) -> float:
@@ -140,8 +140,8 @@ def test_analyze_cli_masks_nrrd(tmp_path):
     import SimpleITK as sitk
 
     from EchoFMEngine.analysis.batch import cli
-    from EchoFMEngine.propagate import read_mask_frames
-    from EchoFMEngine.synthetic import write_dicom
+    from EchoFMEngine.clinical.propagate import read_mask_frames
+    from EchoFMEngine.clinical.phantoms import write_dicom
 
     st = make_study("A4C", n_frames=24, size=(96, 96), fps=30.0, seed=5)
     dcm = write_dicom(st, tmp_path / "cine.dcm")

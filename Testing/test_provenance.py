@@ -18,7 +18,7 @@ from EchoFMEngine.models import build_echofm
 from EchoFMEngine.models.heads import EchoFMSegmenter
 from EchoFMEngine.models.registry import ModelStore
 from EchoFMEngine.models.task_checkpoint import save_task_model
-from EchoFMEngine.synthetic import make_study, write_dicom
+from EchoFMEngine.clinical.phantoms import make_study, write_dicom
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS = ["background", "lv_cavity", "lv_myocardium", "la"]

@@ -10,8 +10,8 @@ import pytest
 from EchoFMEngine import load_cine
 from EchoFMEngine.cine import Cine, Ecg
 from EchoFMEngine.data.tracings import ed_es_frames, read_volume_tracings
-from EchoFMEngine.phase import detect_ed_es
-from EchoFMEngine.synthetic import make_study
+from EchoFMEngine.clinical.phase import detect_ed_es
+from EchoFMEngine.clinical.phantoms import make_study
 
 
 def _echonet(shared_data, part):

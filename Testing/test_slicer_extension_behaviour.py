@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def loaded(tmp_path_factory):
-    from EchoFMEngine.synthetic import make_study, write_dicom
+    from EchoFMEngine.clinical.phantoms import make_study, write_dicom
 
     study = make_study("A4C", n_frames=16, size=(72, 80), fps=30.0, heart_rate_bpm=75, ef=55, seed=8)
     path = write_dicom(study, tmp_path_factory.mktemp("p14") / "a4c.dcm")

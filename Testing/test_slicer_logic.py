@@ -23,7 +23,7 @@ from EchoFMSlicer.EchoFMSlicerLib.scene import new_scene  # noqa: E402
 
 def edv_of(labels, spacing):
     """The engine's LV volume of one label map (how measure() must compute EDV)."""
-    from EchoFMEngine.measure import lv_volume_ml
+    from EchoFMEngine.clinical.measure import lv_volume_ml
 
     return lv_volume_ml(labels == 1, spacing, myo_mask=labels == 2, la_mask=labels == 3)
 
@@ -38,7 +38,7 @@ def widen_cavity(labels):
 def test_load_phase_masks_correct_measure_reset_export(logic, study_file, tmp_path):
     """The panel's workflow on a phantom: every number checked against the engine or the phantom's truth."""
     from EchoFMEngine.data import build_dataset
-    from EchoFMEngine.measure import ejection_fraction
+    from EchoFMEngine.clinical.measure import ejection_fraction
 
     study, path = study_file
     scene, spacing = logic.scene, study.cine.spacing_mm
@@ -158,7 +158,7 @@ def test_corrected_masks_replace_the_analysis_volumes_in_the_curve(logic, study_
 def test_hand_drawn_masks_measure_export_as_corrected_and_feed_fine_tuning(logic, study_file, tmp_path):
     """No segmentation model: empty ED/ES masks drawn by hand (written here as an editor would) are
     measured and exported as "corrected"; every fine-tuning override is a key the config accepts."""
-    from EchoFMEngine.measure import cardiac_measurements
+    from EchoFMEngine.clinical.measure import cardiac_measurements
     from EchoFMEngine.training.config import load_config
 
     study, path = study_file

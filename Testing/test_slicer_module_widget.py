@@ -139,7 +139,7 @@ def module():
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    from EchoFMEngine.synthetic import make_study, write_dicom
+    from EchoFMEngine.clinical.phantoms import make_study, write_dicom
 
     study = make_study("A4C", n_frames=24, size=(72, 80), fps=30.0, heart_rate_bpm=75, ef=55, seed=11)
     return study, write_dicom(study, tmp_path_factory.mktemp("phantom") / "a4c.dcm")
@@ -147,7 +147,7 @@ def phantom(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    from EchoFMEngine.synthetic import make_study, write_dicom
+    from EchoFMEngine.clinical.phantoms import make_study, write_dicom
 
     study = make_study("A4C", n_frames=24, size=(72, 80), fps=30.0, heart_rate_bpm=75, ef=55, seed=11)
     return study, write_dicom(study, tmp_path_factory.mktemp("phantom") / "a4c.dcm")

@@ -22,7 +22,7 @@ def test_edit_one_frame_propagate_measure_undo(logic, study_file):
     ed_seg, es_seg = logic.ed_es_segmentations(nodes.browser, study.masks, ed, es)
 
     first = logic.propagate(nodes.browser, [ed_seg])
-    from EchoFMEngine.measure import cardiac_measurements
+    from EchoFMEngine.clinical.measure import cardiac_measurements
 
     ef_before = first.measurements["ef_percent"]
     truth = cardiac_measurements(study.masks, study.cine.spacing_mm, first.measurements["ed_frames"],
@@ -79,7 +79,7 @@ def test_bad_input_leaves_the_scene_unchanged(logic, study_file):
     with pytest.raises(ValueError, match="no drawn or corrected segmentation"):
         logic.propagate(nodes.browser, [])
     assert node_count(logic.scene) == count
-    from EchoFMEngine.propagate import PropagationCancelled
+    from EchoFMEngine.clinical.propagate import PropagationCancelled
 
     ed_seg, _ = logic.ed_es_segmentations(nodes.browser, study.masks, ed, es)
     count = node_count(logic.scene)

@@ -102,7 +102,7 @@ def test_segmentation_sequence_bundle_reads_back(env, tmp_path):
 def test_correction_in_the_segment_editor_changes_edv_and_ef_as_the_engine_says(env):
     import slicer
 
-    from EchoFMEngine.measure import cardiac_measurements
+    from EchoFMEngine.clinical.measure import cardiac_measurements
 
     scene, logics, study, cn, ed, es = env
     ed_node, es_node = ed_es_segmentations(scene, cn, study.masks, ed, es, logics)
@@ -146,7 +146,7 @@ def test_correction_in_the_segment_editor_changes_edv_and_ef_as_the_engine_says(
 
 
 def test_measurement_caveats_are_said_not_hidden(env):
-    from EchoFMEngine.measure import cardiac_measurements
+    from EchoFMEngine.clinical.measure import cardiac_measurements
 
     scene, logics, study, cn, ed, es = env
     ed_node, es_node = ed_es_segmentations(scene, cn, study.masks, ed, es, logics)

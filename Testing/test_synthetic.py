@@ -11,8 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from EchoFMEngine import synthetic
-from EchoFMEngine.synthetic import LABELS, make_study, write_avi, write_dicom, write_truth
+from EchoFMEngine.clinical import phantoms as synthetic
+from EchoFMEngine.clinical.phantoms import LABELS, make_study, write_avi, write_dicom, write_truth
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +133,7 @@ def test_ed_and_es_frames_are_max_and_min_cavity_area(name, request):
 
 @pytest.mark.parametrize("name", ["a4c", "a4c_afib"])
 def test_detected_r_peaks_match_truth(name, request):
-    from EchoFMEngine.ecg import detect_r_peaks
+    from EchoFMEngine.clinical.ecg import detect_r_peaks
 
     st = request.getfixturevalue(name)
     ecg = st.cine.ecg

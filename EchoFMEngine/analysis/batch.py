@@ -363,7 +363,7 @@ def cli(argv) -> int:
     a = ap.parse_args(list(argv))
     masks = None
     if a.masks:
-        from ..propagate import read_mask_frames
+        from ..clinical.propagate import read_mask_frames
 
         try:
             masks = read_mask_frames(a.masks)

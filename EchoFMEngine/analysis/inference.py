@@ -1,8 +1,8 @@
 """Run fine-tuned models over a whole cine: windows of the model's frame count, at the model's size.
 
 Every model sees frames prepared the way it was trained (scan sector blanked, cropped and fitted
-into ``size x size`` by :func:`EchoFMEngine.geometry.prepare_frames`), in windows that span about
-one cardiac cycle (:func:`EchoFMEngine.cycles.clip_windows`). Segmentations come back in the
+into ``size x size`` by :func:`EchoFMEngine.clinical.geometry.prepare_frames`), in windows that span about
+one cardiac cycle (:func:`EchoFMEngine.clinical.cycles.clip_windows`). Segmentations come back in the
 original pixel geometry through the inverse sector transform.
 
 Speed (CPU): all of a clip's windows go through one batched forward under ``inference_mode``;
@@ -20,8 +20,8 @@ import torch
 from torch import nn
 
 from ..cine import Cine
-from ..cycles import clip_windows
-from ..geometry import SectorTransform, prepare_frames
+from ..clinical.cycles import clip_windows
+from ..clinical.geometry import SectorTransform, prepare_frames
 
 
 @dataclass

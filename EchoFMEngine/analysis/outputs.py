@@ -160,7 +160,7 @@ def write_study(result, out: Path, sid: str, cine=None, summary: bool = True) ->
         if summary and result.phase_view is not None:
             import matplotlib.pyplot as plt
 
-            from ..phase_strip import phase_strip_figure
+            from ..clinical.phase_strip import phase_strip_figure
 
             fig = phase_strip_figure(*result.phase_view, title=sid)
             fig.savefig(stage / "phase.png", dpi=90)

@@ -90,7 +90,7 @@ def gate_input(cine: Cine) -> tuple[Cine, dict, list]:
     and colour Doppler flagged: (cine to analyse, panel facts or {}, flags)."""
     import dataclasses
 
-    from ..geometry import choose_bmode_panel, colour_doppler_frames, find_panels, find_sector
+    from ..clinical.geometry import choose_bmode_panel, colour_doppler_frames, find_panels, find_sector
 
     flags, panel = [], {}
     panels = find_panels(cine.frames)
@@ -201,10 +201,10 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     Raises :class:`~EchoFMEngine.cine.CineReadError` for an unreadable file and ValueError for
     masks that do not match the frames or a multi-panel file without a B-mode panel; everything
     else is reported through flags."""
-    from ..geometry import find_sector
+    from ..clinical.geometry import find_sector
     from ..io import load_cine
-    from ..measure import cardiac_measurements
-    from ..phase import detect_ed_es
+    from ..clinical.measure import cardiac_measurements
+    from ..clinical.phase import detect_ed_es
     from . import inference
     from .provenance import is_phantom_cine, models_provenance
 
@@ -224,7 +224,7 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     res.timing_s["read"] = t_read
     known_frames = None
     if isinstance(masks, Mapping):   # {frame: label map}: propagated to every frame (issue 12)
-        from ..propagate import propagate_masks
+        from ..clinical.propagate import propagate_masks
 
         known_frames = sorted(int(k) for k in masks)
         if panel:

@@ -2,7 +2,7 @@
 
 Flags come first, in red, at the top; a number behind a failed check is printed as UNRELIABLE
 with the flags that make it so. Frames are drawn with everything outside the scan sector blanked
-(:func:`EchoFMEngine.geometry.blank_outside_sector`: burned-in names, dates and institution text lie
+(:func:`EchoFMEngine.clinical.geometry.blank_outside_sector`: burned-in names, dates and institution text lie
 there), and the title shows the derived study id, never the file name.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def summary_figure(cine, result, path: Path) -> Path:
     ed = (ph.get("ed_frames") or [0])[0]
     es_after = [f for f in ph.get("es_frames") or [] if f > ed] or (ph.get("es_frames") or [None])
     es = es_after[0]
-    from ..geometry import blank_outside_sector
+    from ..clinical.geometry import blank_outside_sector
 
     frames = blank_outside_sector(cine.frames)
     flags = [f"{f['name']}: {f['reason']}" if isinstance(f, dict) else str(f) for f in result.flags]

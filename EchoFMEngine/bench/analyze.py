@@ -67,7 +67,7 @@ def run_case(case: str, preset: str, frames: int, device: str, tasks=TASKS, segm
     from ..analysis import analyze
     from ..analysis.inference import encoder_groups, quantize_int8
     from ..analysis.summary import summary_figure
-    from ..synthetic import make_study, write_dicom
+    from ..clinical.phantoms import make_study, write_dicom
 
     if threads:
         torch.set_num_threads(int(threads))

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from EchoFMEngine.io import load_cine
-from EchoFMEngine.phase import detect_ed_es
-from EchoFMEngine.synthetic import make_study
+from EchoFMEngine.clinical.phase import detect_ed_es
+from EchoFMEngine.clinical.phantoms import make_study
 
 
 def _time(cine, repeat: int) -> float:

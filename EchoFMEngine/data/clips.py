@@ -1,8 +1,8 @@
 """From a cine (and its labelled frames) to one model-ready clip, or to all clips for the cache.
 
 Clips of T frames hold at least one full cardiac cycle where one can be found
-(:func:`EchoFMEngine.cycles.clip_windows`); frames are fan-masked, cropped and fitted
-to S x S (:func:`EchoFMEngine.geometry.prepare_frames`) and masks follow the same mapping.
+(:func:`EchoFMEngine.clinical.cycles.clip_windows`); frames are fan-masked, cropped and fitted
+to S x S (:func:`EchoFMEngine.clinical.geometry.prepare_frames`) and masks follow the same mapping.
 Labelled frames inside a window are snapped into its sampled indices (moving the
 nearest sample by less than one step) so masks are never lost to resampling.
 """
@@ -123,8 +123,8 @@ def holding_labels(indices: np.ndarray, labelled, T: int, where: str = "") -> np
 def cine_clip(cine: Cine, frames: int, size: int, masks: Optional[dict] = None, window: str = "best",
               where: str = "", generator: Optional[torch.Generator] = None) -> Clip:
     """One clip of ``frames`` x ``size`` from a cine; ``masks`` {source frame: [H, W] labels}."""
-    from EchoFMEngine.cycles import clip_windows
-    from EchoFMEngine.geometry import find_sector, prepare_frames
+    from EchoFMEngine.clinical.cycles import clip_windows
+    from EchoFMEngine.clinical.geometry import find_sector, prepare_frames
 
     masks = masks or {}
     windows = clip_windows(cine, frames)
@@ -150,8 +150,8 @@ def cycle_clip(frames_uint8: np.ndarray, frames: int, size: int, masks: Optional
     The half cycle ED..ES is followed by its reverse (ES..ED), the full cycle resampled to
     ``frames``; ``masks`` are keyed by index into ``frames_uint8``.
     """
-    from EchoFMEngine.cycles import resample_cycle, reverse_pad
-    from EchoFMEngine.geometry import find_sector, prepare_frames
+    from EchoFMEngine.clinical.cycles import resample_cycle, reverse_pad
+    from EchoFMEngine.clinical.geometry import find_sector, prepare_frames
 
     masks = masks or {}
     n = len(frames_uint8)
@@ -180,7 +180,7 @@ def cycle_clip(frames_uint8: np.ndarray, frames: int, size: int, masks: Optional
 
 def still_clip(image: np.ndarray, frames: int, size: int, mask: Optional[np.ndarray] = None) -> Clip:
     """A still image [H, W, 3] fed as a clip by repeating it ``frames`` times."""
-    from EchoFMEngine.geometry import prepare_frames
+    from EchoFMEngine.clinical.geometry import prepare_frames
 
     img = np.asarray(image)
     video, tf = prepare_frames(img[None], size)
@@ -199,8 +199,8 @@ def still_clip(image: np.ndarray, frames: int, size: int, mask: Optional[np.ndar
 def cut_clips(cine: Cine, frames: int, size: int, full_cycle_only: bool = True,
               stride: Optional[int] = None) -> tuple[np.ndarray, list[dict]]:
     """Every clip window of a cine for the cache: uint8 [n, T, S, S, 3] and one index row per clip."""
-    from EchoFMEngine.cycles import clip_windows
-    from EchoFMEngine.geometry import find_sector, prepare_frames
+    from EchoFMEngine.clinical.cycles import clip_windows
+    from EchoFMEngine.clinical.geometry import find_sector, prepare_frames
 
     windows = clip_windows(cine, frames, stride=stride)
     if full_cycle_only:

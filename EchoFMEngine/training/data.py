@@ -12,8 +12,8 @@ def phantom_clip(view: str, frames: int, size: int, heart_rate_bpm: float, cycle
                  seed: int) -> tuple:
     """One phantom study filmed so that ``frames`` frames span ``cycles`` heartbeats, prepared to
     the model size: (video float ``[3, T, S, S]`` in [0, 1], the study with its truth, the sector transform)."""
-    from ..geometry import prepare_frames
-    from ..synthetic import make_study
+    from ..clinical.geometry import prepare_frames
+    from ..clinical.phantoms import make_study
 
     fps = frames * heart_rate_bpm / 60.0 / cycles
     study = make_study(view=view, n_frames=frames, size=(size * 2, size * 2), fps=fps,

@@ -229,7 +229,7 @@ def analysis_demo(out: Path, seed: int = 4242) -> dict:
     (with its ECG) and analyse it as a clinician would: ED/ES, masks, volumes and EF vs the truth."""
     from ..analysis import analyze_paths
     from ..models.registry import ModelStore
-    from ..synthetic import make_study, write_dicom
+    from ..clinical.phantoms import make_study, write_dicom
 
     t0 = time.perf_counter()
     store = ModelStore(out / "models")

@@ -117,7 +117,7 @@ def _meta(cine: Cine, grey: bool, r_peaks: Optional[np.ndarray], notes: list) ->
 
 
 def _r_peaks(cine: Cine, notes: list) -> Optional[np.ndarray]:
-    from EchoFMEngine.ecg import detect_r_peaks
+    from EchoFMEngine.clinical.ecg import detect_r_peaks
 
     try:
         peaks = detect_r_peaks(cine.ecg.signal, cine.ecg.fs)

@@ -378,7 +378,7 @@ class EchoFMLogic:
 
     def detect_phase(self, browser) -> dict:
         """ED/ES from the ECG, else the images (in-process: no model needed, fast)."""
-        from EchoFMEngine.phase import detect_ed_es
+        from EchoFMEngine.clinical.phase import detect_ed_es
         return detect_ed_es(self.cine(browser)).to_dict()
 
     @staticmethod

@@ -1,6 +1,6 @@
 """EDV, ESV, EF and LA volume from the current (possibly corrected) ED/ES segmentations.
 
-The numbers come from :func:`EchoFMEngine.measure.cardiac_measurements` on the label maps read
+The numbers come from :func:`EchoFMEngine.clinical.measure.cardiac_measurements` on the label maps read
 back from the segmentation nodes, so the panel and the engine never disagree. Results go into a
 table node; the LV volume over time into a plot.
 """
@@ -23,7 +23,7 @@ def measure_from_segmentations(ed_seg, es_seg, reference, spacing_mm, method: st
     Keys: ``unit``, ``area_unit``, ``method``, ``edv``, ``esv``, ``ef_percent``, ``la_volume``,
     ``ed_area``, ``es_area``, ``ed_frame``, ``es_frame``, ``masks`` ({"ED": provenance, "ES": ...}),
     ``notes``. Volumes are ml with ``spacing_mm`` (row, col), px^3 without; None when not measurable."""
-    from EchoFMEngine.measure import cardiac_measurements
+    from EchoFMEngine.clinical.measure import cardiac_measurements
 
     ed_lab = segmentation_to_labels(ed_seg, reference)
     es_lab = segmentation_to_labels(es_seg, reference)

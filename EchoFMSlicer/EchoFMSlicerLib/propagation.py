@@ -59,8 +59,8 @@ def known_frames(segs: Sequence, reference) -> dict:
 
 def measure_curve(cine, labels: np.ndarray) -> dict:
     """LV volume per frame, ED/ES (ECG first, else the propagated LV curve), EDV/ESV/EF per beat."""
-    from EchoFMEngine.measure import cardiac_measurements
-    from EchoFMEngine.phase import detect_ed_es
+    from EchoFMEngine.clinical.measure import cardiac_measurements
+    from EchoFMEngine.clinical.phase import detect_ed_es
 
     phase = detect_ed_es(cine, masks=labels, lv_labels=(1,))
     m = cardiac_measurements(labels, cine.spacing_mm, phase.ed_frames, phase.es_frames,
@@ -75,7 +75,7 @@ def propagate_segmentations(scene, cine_nodes, cine, segs: Sequence, logics: Opt
                             name: Optional[str] = None) -> PropagationResult:
     """Masks on every frame of ``cine`` from the user's segmentations ``segs``; see the module doc.
     ValueError (bad input) and PropagationCancelled leave the scene unchanged."""
-    from EchoFMEngine.propagate import propagate_masks
+    from EchoFMEngine.clinical.propagate import propagate_masks
 
     from . import measurements as meas
     from .ecg_nodes import frame_marker_time

@@ -21,7 +21,7 @@ from skimage.filters import threshold_otsu
 from skimage.transform import resize
 
 from EchoFMEngine.cine import Cine
-from EchoFMEngine.geometry import find_sector
+from EchoFMEngine.clinical.geometry import find_sector
 
 SIGNAL_SIZE = 96          # the signal is computed at this many pixels (long side)
 VENTRICLE_DEPTH = 0.6     # apical views: ventricles in the upper 60 % of the sector

@@ -20,9 +20,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from EchoFMEngine.cine import Cine  # noqa: E402
-from EchoFMEngine.geometry import blank_outside, find_sector  # noqa: E402
-from EchoFMEngine.image_beats import LOW_CONFIDENCE  # noqa: E402
-from EchoFMEngine.phase import Phase, detect_ed_es  # noqa: E402
+from EchoFMEngine.clinical.geometry import blank_outside, find_sector  # noqa: E402
+from EchoFMEngine.clinical.image_beats import LOW_CONFIDENCE  # noqa: E402
+from EchoFMEngine.clinical.phase import Phase, detect_ed_es  # noqa: E402
 
 MAX_THUMBS = 8
 

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
-from .cine import Cine
+from ..cine import Cine
 
 # Project label vocabulary (EchoFMEngine.data.labels.SEG_CLASSES / synthetic.LABELS).
 LV_ENDO, LV_MYO, LA = 1, 2, 3

@@ -14,7 +14,7 @@ import numpy as np
 from scipy.signal import detrend, find_peaks
 
 from EchoFMEngine.cine import Cine
-from EchoFMEngine.image_beats import detect_image_beats, noise_level
+from EchoFMEngine.clinical.image_beats import detect_image_beats, noise_level
 
 _FEATURE_SIZE = 32
 _MAX_RR_JUMP = 1.8  # an R-R interval this many times the median hides a missed beat
@@ -29,7 +29,7 @@ def frame_features(cine: Cine, size: int = _FEATURE_SIZE, blank_outside_sector: 
 
     grey = cine.grey()
     if blank_outside_sector:
-        from EchoFMEngine.geometry import find_sector
+        from EchoFMEngine.clinical.geometry import find_sector
 
         sector = find_sector(cine.frames)
         if sector is not None:  # burned-in cursors and clocks must not look like motion
@@ -89,7 +89,7 @@ def ecg_peak_frames(cine: Cine) -> Optional[np.ndarray]:
     t_ecg = ecg.times_s
     if t_ecg[0] > ft[0] + dt or t_ecg[-1] < ft[-1] - dt:
         return None  # the ECG does not span the clip
-    from EchoFMEngine.ecg import detect_r_peaks, peaks_to_frames
+    from EchoFMEngine.clinical.ecg import detect_r_peaks, peaks_to_frames
 
     peaks = detect_r_peaks(ecg.signal, ecg.fs)
     if len(peaks) < 2:
@@ -104,7 +104,7 @@ def ecg_peak_frames(cine: Cine) -> Optional[np.ndarray]:
 def _ecg_period_frames(cine: Cine) -> Optional[float]:
     if cine.ecg is None or cine.ecg.signal.size == 0:
         return None
-    from EchoFMEngine.ecg import detect_r_peaks
+    from EchoFMEngine.clinical.ecg import detect_r_peaks
 
     peaks = detect_r_peaks(cine.ecg.signal, cine.ecg.fs)
     if len(peaks) < 2:
