@@ -37,6 +37,7 @@ MOVED = {
     **{f"EchoFMEngine.{name}": f"EchoFMEngine.clinical.{name}"
        for name in ("ecg", "cycles", "image_beats", "phase", "phase_strip", "measure", "geometry", "propagate")},
     "EchoFMEngine.synthetic": "EchoFMEngine.clinical.phantoms",
+    "EchoFMEngine.training.distributed": "EchoFMEngine.runtime.distributed",
 }
 
 

@@ -105,7 +105,7 @@ def test_sigkill_then_resume_on_two_processes_is_exact(two_process_run):
 
 
 def test_global_batch_must_split_over_the_processes(tmp_path):
-    from EchoFMEngine.training import distributed
+    from EchoFMEngine.runtime import distributed
     from EchoFMEngine.training.config import ConfigError
 
     info = distributed.DistInfo(rank=0, world_size=3)
@@ -114,7 +114,7 @@ def test_global_batch_must_split_over_the_processes(tmp_path):
 
 
 def test_rank_blocks_cover_the_split_in_order_and_merge_back():
-    from EchoFMEngine.training import distributed
+    from EchoFMEngine.runtime import distributed
     from EchoFMEngine.training.task_eval import merge_predictions
 
     for n, world in ((5, 2), (1, 2), (7, 3), (0, 2)):
@@ -127,7 +127,7 @@ def test_rank_blocks_cover_the_split_in_order_and_merge_back():
 
 
 def test_non_finite_check_names_the_first_bad_loss():
-    from EchoFMEngine.training import distributed
+    from EchoFMEngine.runtime import distributed
 
     info = distributed.DistInfo()
     assert distributed.all_finite([torch.tensor(1.0), torch.tensor(2.0)], info) == (True, -1)

@@ -25,7 +25,7 @@ from ..cine import Cine
 from ..models.registry import ModelStore
 from . import plausibility as plaus
 from .plausibility import flag
-from ..training.distributed import resolve_device
+from ..runtime.distributed import resolve_device
 
 LOW_CONFIDENCE = 0.6          # top view probability below this -> flag "low_view_confidence"
 APICAL_VIEWS = ("A2C", "A3C", "A4C", "A5C")   # views the method of discs (and LV/LA masks) assumes

@@ -17,7 +17,7 @@ import time
 import torch
 
 from ..models import build_echofm
-from ..training.distributed import enable_fast_math, resolve_device
+from ..runtime.distributed import enable_fast_math, resolve_device
 from .reference import ReferenceEchoFM
 
 BENCH_CONFIG = dict(img_size=112, num_frames=32, tubelet=4, patch_size=16, embed_dim=384, depth=6,

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from ..models import build_echofm
-from ..training import distributed
-from ..training.distributed import enable_fast_math
+from ..runtime import distributed
+from ..runtime.distributed import enable_fast_math
 from ..training.optim import build_optimizer
 from .model import BENCH_CONFIG, _peak_mem_mb, time_steps
 

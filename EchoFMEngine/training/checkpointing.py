@@ -2,42 +2,13 @@
 from __future__ import annotations
 
 import os
-import random
 import re
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
-
-
-def rng_state() -> dict:
-    """Python, NumPy, torch (and CUDA) generator states as plain types (bytes, ints, lists), so
-    they survive ``all_gather_object`` and a ``weights_only`` load."""
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-        "torch": torch.get_rng_state().numpy().tobytes(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _bytes_state(b: bytes) -> torch.Tensor:
-    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
-    torch.set_rng_state(_bytes_state(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([_bytes_state(b) for b in state["cuda"]])
 
 
 def checkpoint_dir(out: Path) -> Path:

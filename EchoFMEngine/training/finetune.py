@@ -31,7 +31,8 @@ from ..models.checkpoint import CheckpointError
 from ..models.heads import (EchoFMClassifier, EchoFMFrameSegmenter, EchoFMMultiView, EchoFMRegressor,
                             EchoFMSegmenter, EncoderModel, to_frame_encoder)
 from ..models.task_checkpoint import check_task, read_task_description, save_task_model
-from . import checkpointing, distributed
+from ..runtime import distributed
+from . import checkpointing
 from .config import FINETUNE_TASKS, ConfigError, dump_config, load_config
 from .data import StepBatchSampler, item_seed
 from .layer_decay import param_groups

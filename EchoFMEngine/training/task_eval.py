@@ -180,7 +180,7 @@ def evaluate_task(model, task: str, dataset, batch_size: int = 8, device=None, a
                   n_boot: int = 0, seed: int = 0, info=None, main_only: bool = False) -> Optional[dict]:
     """``task_metrics(predict_dataset(...))`` for one task model and dataset.
 
-    ``info`` (a :class:`~EchoFMEngine.training.distributed.DistInfo` of several processes): each rank
+    ``info`` (a :class:`~EchoFMEngine.runtime.distributed.DistInfo` of several processes): each rank
     predicts its block of ``dataset``, the blocks are gathered in order and the metrics are computed
     over the whole dataset, the same numbers as one process (on every rank, or with ``main_only`` on
     rank 0 only, the others get None)."""
@@ -190,7 +190,7 @@ def evaluate_task(model, task: str, dataset, batch_size: int = 8, device=None, a
     if info is None or not info.enabled:
         preds = predict_dataset(model, task, dataset, batch_size, device, autocast)
         return task_metrics(task, preds, n_boot=n_boot, seed=seed, n_classes=n_classes)
-    from .distributed import gather_objects, shard_range
+    from ..runtime.distributed import gather_objects, shard_range
 
     block = list(shard_range(len(dataset), info))
     mine = predict_dataset(model, task, Subset(dataset, block), batch_size, device, autocast) if block else {}

@@ -1,10 +1,13 @@
-"""torchrun-aware process group set-up: NCCL on CUDA, gloo on CPU, one process when not launched."""
+"""torchrun-aware process group set-up (NCCL on CUDA, gloo on CPU, one process when not launched), with the
+collectives, sharding and per-rank generator states that training, analysis and data preparation share."""
 from __future__ import annotations
 
 import os
+import random
 from dataclasses import dataclass
 from datetime import timedelta
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -95,18 +98,41 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
+def rng_state() -> dict:
+    """Python, NumPy, torch (and CUDA) generator states as plain types (bytes, ints, lists), so
+    they survive ``all_gather_object`` and a ``weights_only`` load."""
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "torch": torch.get_rng_state().numpy().tobytes(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _bytes_state(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8)
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
+    torch.set_rng_state(_bytes_state(state["torch"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_bytes_state(b) for b in state["cuda"]])
+
+
 def gather_rng_states(info: DistInfo) -> list:
     """Every rank's generator states (checkpointed so each rank resumes with its own)."""
-    from .checkpointing import rng_state
-
     return gather_objects(rng_state(), info)
 
 
 def restore_rng_state(saved, info: DistInfo) -> None:
     """This rank's states from a checkpoint's ``rng`` (a per-rank list; an old single dict, or a
     run resumed on more ranks than it was saved with, falls back to rank 0's)."""
-    from .checkpointing import set_rng_state
-
     if isinstance(saved, dict):
         set_rng_state(saved)
     else:
