@@ -6,6 +6,7 @@ import os
 import random
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,15 +29,29 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when it works, else CPU; ``cuda`` without a GPU is an error."""
+def resolve_device(name: str, local_rank: Optional[int] = None, device_count: Optional[int] = None) -> torch.device:
+    """The device ``name`` means for this process. ``auto`` picks CUDA when it works, else CPU. ``cuda``
+    (or ``auto`` on a GPU machine) is this process's GPU: ``cuda:LOCAL_RANK`` under torchrun (wrapped
+    modulo the GPU count, so more processes than GPUs share them round-robin), else ``cuda:0``. An
+    explicit ``cuda:N`` is honoured as given. ``local_rank`` defaults to ``$LOCAL_RANK``;
+    ``device_count`` to ``torch.cuda.device_count()`` (given in tests, which have no GPU)."""
+    if device_count is None:
+        device_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but CUDA is not available (use device=cpu or auto)")
-        return torch.device("cuda", local_rank)
-    return torch.device(name)
+        name = "cuda" if device_count else "cpu"
+    dev = torch.device(name)
+    if dev.type != "cuda":
+        return dev
+    if device_count == 0:
+        raise RuntimeError(f"device {name!r} requested but CUDA is not available (use device=cpu or auto)")
+    if dev.index is not None:
+        if dev.index >= device_count:
+            raise RuntimeError(f"device {name!r} requested but this machine has {device_count} GPU(s) "
+                               f"(cuda:0 to cuda:{device_count - 1})")
+        return dev
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return torch.device("cuda", local_rank % device_count)
 
 
 def enable_fast_math(device: torch.device) -> None:
