@@ -138,7 +138,7 @@ def runtime_files() -> set:
              "pyproject.toml", "EchoFMScripts/train.py"}
     files |= {p.relative_to(REPO / "EchoFMSlicer").as_posix() for p in (REPO / "EchoFMSlicer/EchoFMSlicerLib").glob("*.py")}
     files |= {p.relative_to(REPO).as_posix() for p in (REPO / "EchoFMEngine").rglob("*.py") if "__pycache__" not in p.parts}
-    files |= {p.relative_to(REPO).as_posix() for p in (REPO / "Resources/configs").glob("*.yaml")}
+    files |= {p.relative_to(REPO).as_posix() for p in (REPO / "EchoFMEngine/configs").glob("*.yaml")}
     return files
 
 

@@ -294,7 +294,7 @@ def test_extension_cmakelists_follows_the_template():
     # (ctkMacroCompilePythonScript with DESTINATION_DIR and INSTALL_DIR), train.py into a subfolder
     assert "DESTINATION_DIR ${CMAKE_BINARY_DIR}/${Slicer_QTSCRIPTEDMODULES_LIB_DIR}" in text
     assert "INSTALL_DIR ${Slicer_INSTALL_QTSCRIPTEDMODULES_LIB_DIR}" in text
-    for source in ("EchoFMEngine/*.py", "Resources/configs/*.yaml", "pyproject.toml", "train.py"):
+    for source in ("EchoFMEngine/*.py", "EchoFMEngine/*.yaml", "pyproject.toml", "train.py"):
         assert source in text, source
 
 

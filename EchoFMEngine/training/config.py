@@ -15,6 +15,8 @@ import yaml
 from pydantic import Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 from typing_extensions import Annotated, Literal
 
+from ..configs import find_config
+
 # Every key a pretraining config may hold, with its default. Model keys are checked by EchoFMConfig.
 DEFAULTS = {
     "task": "pretrain",
@@ -282,8 +284,9 @@ def _yaml_problem(e: Exception) -> str:
 
 
 def read_yaml(path: Union[str, Path]) -> dict:
-    """A config file as a mapping; ConfigError naming the file for bad YAML or a non-mapping."""
-    path = Path(path)
+    """A config file (a path or a shipped config's name) as a mapping; ConfigError naming the file for
+    bad YAML or a non-mapping."""
+    path = find_config(path)
     try:
         loaded = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -301,9 +304,7 @@ def load_config(path: Union[str, Path, None] = None, overrides: list[str] = ()) 
     The task is the file's ``task`` (a ``task=...`` override wins), 'pretrain' when neither says."""
     loaded: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file not found: {path}")
+        path = find_config(path)       # a file, or a shipped config's name (finetune_view)
         loaded = read_yaml(path)
     updates = []
     for text in overrides:

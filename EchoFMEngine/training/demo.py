@@ -21,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..configs import shipped
 from ..models import EchoFM, load_pretrained
 from .config import load_config
 from .data import phantom_clip
 from .pretrain import pretrain
 
-REPO = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO / "Resources" / "configs" / "demo.yaml"
+DEMO_CONFIG = shipped("demo")         # package data, found from a checkout and an installed wheel alike
 # Full fine-tuning beat a frozen encoder on held-out Dice at the same budget (docs/segmentation.md).
 SEGMENT_DEFAULTS = {"n_train": 16, "n_test": 6, "steps": 300, "lr": 1.0e-3, "batch_size": 4,
                     "freeze_encoder": False, "layer_decay": 0.75, "seed": 0}

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from ..configs import CONFIG_DIR
 from .config import FINETUNE_TASKS, ConfigError, read_yaml
 
 LOOPS = {"pretrain": "EchoFMEngine.training.pretrain",
          **{task: "EchoFMEngine.training.finetune" for task in FINETUNE_TASKS}}
-CONFIGS = Path(__file__).resolve().parents[2] / "Resources" / "configs"
+CONFIGS = CONFIG_DIR                   # the shipped configs (package data; Resources/configs links here)
 
 TRAIN_DESCRIPTION = """\
 EchoFM training entry point (plain Python, torchrun, or headless 3D Slicer).
@@ -21,7 +21,8 @@ EchoFM training entry point (plain Python, torchrun, or headless 3D Slicer).
                                   segmentation head -> analyse a held-out phantom DICOM; writes runs/demo/
                                   (a few minutes on a 2-core CPU; `python train.py demo --help` for its options)
   python train.py --config FILE   run one config: its `task:` key picks the loop, pretraining (task: pretrain)
-                                  or fine-tuning (task: view | segment | as | ar | ef)
+                                  or fine-tuning (task: view | segment | as | ar | ef); FILE is a path or
+                                  the name of a shipped config below (--config finetune_view)
 
 A config is a YAML file; key=value arguments override any of its keys (run.steps=50 head.mode=frozen;
 an unknown key is refused with the closest known one). `--config FILE --help` shows that loop's options.
@@ -29,14 +30,14 @@ Exit status: 0 success, 1 run error, 2 bad config or arguments, 3 missing packag
 
 
 def _config_list() -> str:
-    """One line per shipped config: file and task."""
+    """One line per shipped config: its name (what --config accepts), its file in a checkout, its task."""
     rows = []
     for f in sorted(CONFIGS.glob("*.yaml")):
         try:
             task = read_yaml(f).get("task", "pretrain")
         except (OSError, ConfigError):
             task = "?"
-        rows.append(f"  {'Resources/configs/' + f.name:<48} task: {task}")
+        rows.append(f"  {f.stem:<24} {'Resources/configs/' + f.name:<48} task: {task}")
     return "\n".join(rows)
 
 
@@ -48,7 +49,7 @@ def train_parser() -> argparse.ArgumentParser:
         description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="configs:\n" + _config_list() + "\n\nexamples:\n"
                "  python train.py --config Resources/configs/demo.yaml run.steps=5 run.out=runs/quick\n"
-               "  python train.py --config Resources/configs/finetune_view.yaml run.steps=5 run.out=runs/view\n"
+               "  python train.py --config finetune_view run.steps=5 run.out=runs/view\n"
                "  torchrun --nproc_per_node=8 train.py --config Resources/configs/pretrain_vitl_paper.yaml "
                "data.root=CACHE\n"
                "  Slicer --no-main-window --python-script train.py --config Resources/configs/demo.yaml")

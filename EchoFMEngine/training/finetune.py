@@ -26,6 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..atomic import LockedError
+from ..configs import CONFIG_DIR
 from ..data.labels import AR_VIEWS
 from ..models.checkpoint import CheckpointError
 from ..models.heads import (EchoFMClassifier, EchoFMFrameSegmenter, EchoFMMultiView, EchoFMRegressor,
@@ -43,7 +44,7 @@ from .task_data import PROXY_NOTES, TaskData, build_task_data, phantom_task_item
 from .task_eval import collate, evaluate_task, is_better, select_metric, task_loss
 
 MODES = ("full", "frozen")
-CONFIGS = Path(__file__).resolve().parents[2] / "Resources" / "configs"   # finetune_*.yaml live here
+CONFIGS = CONFIG_DIR   # finetune_*.yaml: package data (Resources/configs links here in a checkout)
 
 
 # ------------------------------------------------------------------ the model

@@ -26,7 +26,7 @@ from .scene import Logics, all_or_nothing, register_modules
 
 TASKS = ["segment", "view", "as", "ar", "ef"]
 DEVICES = ["auto", "cuda", "cpu"]
-FINETUNE_CONFIG = os.path.join("Resources", "configs", "finetune_segment.yaml")
+FINETUNE_CONFIG = os.path.join("EchoFMEngine", "configs", "finetune_segment.yaml")   # package data
 # A 2D echo cine wants one large slice view (not three orthogonal views of one slice) and the ECG below it.
 ECHO_LAYOUT_ID = 5801
 ECHO_LAYOUT_XML = """<layout type="vertical" split="true">
