@@ -3,11 +3,14 @@
 
     python train.py                                   # the demo: phantoms -> pretrain -> report
     python train.py --config Resources/configs/X.yaml [key=value ...] [--resume]
+    python train.py --config finetune_view [key=value ...]   # a shipped config by name
     torchrun --nproc_per_node=N train.py --config ...
     Slicer --no-main-window --python-script train.py --config ...
 
 Runs the same way under plain Python and headless 3D Slicer, and always ends with an explicit
-exit status (0 success, 1 error, 2 usage or config error, 3 missing packages).
+exit status (0 success, 1 error, 2 usage or config error, 3 missing packages). The logic lives in
+EchoFMEngine/train.py (an installed wheel runs it as ``echofm-train``); this script finds the engine
+in a source checkout and exits the Slicer application when it runs inside one.
 """
 from __future__ import annotations
 
@@ -16,31 +19,10 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# import name -> pip package, for everything a training run needs
-REQUIRED = {"torch": "torch", "timm": "timm", "einops": "einops", "numpy": "numpy", "scipy": "scipy",
-            "yaml": "pyyaml", "safetensors": "safetensors", "tqdm": "tqdm", "skimage": "scikit-image",
-            "pydicom": "pydicom", "neurokit2": "neurokit2", "SimpleITK": "SimpleITK", "av": "av",
-            "matplotlib": "matplotlib", "sklearn": "scikit-learn", "pandas": "pandas"}
+if HERE not in sys.path and importlib.util.find_spec("EchoFMEngine") is None:
+    sys.path.insert(0, HERE)  # source checkout (e.g. Slicer without the extension installed)
 
-
-def missing_packages() -> list[str]:
-    """pip names of required packages that cannot be imported here (Slicer's Python lacks some)."""
-    return [pip for mod, pip in REQUIRED.items() if importlib.util.find_spec(mod) is None]
-
-
-def main(argv: list[str]) -> int:
-    missing = missing_packages()
-    if missing:
-        print("error: this Python lacks packages EchoFM needs: " + ", ".join(missing) +
-              f"\ninstall them with: {sys.executable} -m pip install " + " ".join(missing), file=sys.stderr)
-        return 3
-    if HERE not in sys.path and importlib.util.find_spec("EchoFMEngine") is None:
-        sys.path.insert(0, HERE)  # source checkout (e.g. Slicer without the extension installed)
-    if not argv or argv[0] == "demo":
-        from EchoFMEngine.training.demo import cli as demo
-        return demo(argv[1:])
-    from EchoFMEngine.training.entry import cli as run
-    return run(argv)
+from EchoFMEngine.train import REQUIRED, main, missing_packages  # noqa: E402,F401 (REQUIRED: public here)
 
 
 def _exit(code: int) -> None:

@@ -1,16 +1,36 @@
-"""The EchoFM model, its presets and its checkpoints."""
+"""The EchoFM model, its presets and its checkpoints.
+
+The names below load on first use (PEP 562), so the torch-free parts of this package (``registry``: the
+models folder; ``files``: checkpoint errors) import without torch, e.g. in Slicer's panel."""
 from __future__ import annotations
 
-from typing import Union
+import importlib
+from typing import TYPE_CHECKING, Union
 
-from .checkpoint import (CheckpointError, load_official_checkpoint, load_pretrained, save_pretrained)
-from .config import PRESETS, EchoFMConfig, make_config
-from .echofm import EchoFM
+if TYPE_CHECKING:
+    from .config import EchoFMConfig
+    from .echofm import EchoFM
+
+_LAZY = {
+    "EchoFM": ".echofm",
+    "EchoFMConfig": ".config", "PRESETS": ".config", "make_config": ".config",
+    "CheckpointError": ".files",
+    "load_official_checkpoint": ".checkpoint", "save_pretrained": ".checkpoint", "load_pretrained": ".checkpoint",
+}
 
 
 def build_echofm(preset_or_config: Union[str, dict, EchoFMConfig] = "vit_l", **overrides) -> EchoFM:
     """Build an EchoFM from a preset name (``tiny``, ``vit_s``, ``vit_b``, ``vit_l``), a dict or a config."""
+    from .config import make_config
+    from .echofm import EchoFM           # torch: loaded when a model is built, not with the package
+
     return EchoFM(make_config(preset_or_config, **overrides))
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["EchoFM", "EchoFMConfig", "PRESETS", "build_echofm", "make_config", "load_official_checkpoint",

@@ -21,13 +21,10 @@ from safetensors.torch import save_file
 
 from .config import PRESETS, EchoFMConfig, make_config
 from .echofm import EchoFM
+from .files import CheckpointError, weights_file   # their torch-free home; still importable from here
 
 log = logging.getLogger(__name__)
 FORMAT = "echofm-safetensors-v1"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot become an EchoFM; the message names the file and the key."""
 
 
 # released name -> our name (prefix renames; q/k/v fusion is handled separately)
@@ -251,16 +248,6 @@ def read_pretrained_header(path: Union[str, Path]) -> tuple[EchoFMConfig, dict]:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{file}: not an EchoFM safetensors file (format={meta.get('format')!r})")
     return EchoFMConfig.from_dict(json.loads(meta["config"])), json.loads(meta.get("metadata", "{}"))
-
-
-def weights_file(path: Union[str, Path]) -> Path:
-    """The ``.safetensors`` file itself, or ``model.safetensors`` inside a checkpoint folder."""
-    p = Path(path)
-    file = p / "model.safetensors" if p.is_dir() else p
-    if not file.is_file():
-        raise CheckpointError(f"{file}: no such file (no weights file: expected a .safetensors file or a "
-                              "folder holding model.safetensors)")
-    return file
 
 
 def load_pretrained(path: Union[str, Path], map_location="cpu", strict: bool = True) -> EchoFM:

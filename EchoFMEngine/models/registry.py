@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .checkpoint import CheckpointError, weights_file
+from .files import CheckpointError, weights_file
 
 TASKS = ("view", "segment", "as", "ar", "ef")
 TASK_HELP = {
