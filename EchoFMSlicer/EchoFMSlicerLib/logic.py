@@ -484,10 +484,23 @@ class EchoFMLogic:
         EDV/ESV/EF. The user's nodes are not touched; bad input or Cancel leaves the scene as it was.
         Returns an EchoFMSlicerLib.propagation.PropagationResult (``undo_propagation`` removes it)."""
         from . import propagation
-        nodes = self.cine_nodes(browser)
+        known = self.propagation_input(browser, segs)
+        labels, m = propagation.compute_propagation(self.cine(browser), known, progress=progress, cancel=cancel)
+        return self.add_propagation(browser, known, labels, m)
+
+    def propagation_input(self, browser, segs) -> dict:
+        """``{frame: label map}`` of the drawn segmentations ``segs``: what :meth:`propagate` tracks. With
+        ``propagation.compute_propagation`` (no scene: a worker thread may run it) and
+        :meth:`add_propagation`, the three steps of :meth:`propagate` for a caller that must stay live."""
+        from . import propagation
+        return propagation.known_frames(list(segs), self.cine_nodes(browser).proxy)
+
+    def add_propagation(self, browser, known: dict, labels, m: dict):
+        """The computed propagation into the scene (undone by :meth:`undo_propagation`)."""
+        from . import propagation
         with self.scene_guard():
-            result = propagation.propagate_segmentations(self.scene, nodes, self.cine(browser), list(segs),
-                                                         logics=self.logics, progress=progress, cancel=cancel)
+            result = propagation.add_propagation(self.scene, self.cine_nodes(browser), known, labels, m,
+                                                 logics=self.logics)
         self.__dict__.setdefault("_propagations", {}).setdefault(browser.GetID(), []).append(result)
         return result
 

@@ -69,20 +69,22 @@ def measure_curve(cine, labels: np.ndarray) -> dict:
     return m
 
 
-def propagate_segmentations(scene, cine_nodes, cine, segs: Sequence, logics: Optional[Logics] = None,
-                            progress: Optional[Callable[[float, str], None]] = None,
-                            cancel: Optional[Callable[[], bool]] = None,
-                            name: Optional[str] = None) -> PropagationResult:
-    """Masks on every frame of ``cine`` from the user's segmentations ``segs``; see the module doc.
-    ValueError (bad input) and PropagationCancelled leave the scene unchanged."""
+def compute_propagation(cine, known: dict, progress: Optional[Callable[[float, str], None]] = None,
+                        cancel: Optional[Callable[[], bool]] = None) -> tuple:
+    """(label maps of every frame, their measurements) from ``known`` (:func:`known_frames`). Touches no
+    scene, so it may run in a worker thread (the web app does, to keep its page live)."""
     from EchoFMEngine.clinical.propagate import propagate_masks
 
+    labels = propagate_masks(cine, known, progress=progress, cancel=cancel)   # checks the input
+    return labels, measure_curve(cine, labels)
+
+
+def add_propagation(scene, cine_nodes, known: dict, labels: np.ndarray, m: dict, logics: Optional[Logics] = None,
+                    name: Optional[str] = None) -> PropagationResult:
+    """Put one computed propagation into the scene (sequence in the cine's browser, table, volume plot)."""
     from . import measurements as meas
     from .ecg_nodes import frame_marker_time
 
-    known = known_frames(segs, cine_nodes.proxy)
-    labels = propagate_masks(cine, known, progress=progress, cancel=cancel)   # checks the input
-    m = measure_curve(cine, labels)
     T = labels.shape[0]
     sources = ["corrected" if f in known else SOURCE for f in range(T)]
     base = cine_nodes.sequence.GetName()
@@ -106,6 +108,17 @@ def propagate_segmentations(scene, cine_nodes, cine, segs: Sequence, logics: Opt
     made = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())
             if scene.GetNthNode(i).GetID() not in before]
     return PropagationResult(seq, labels, sources, m, made, table)
+
+
+def propagate_segmentations(scene, cine_nodes, cine, segs: Sequence, logics: Optional[Logics] = None,
+                            progress: Optional[Callable[[float, str], None]] = None,
+                            cancel: Optional[Callable[[], bool]] = None,
+                            name: Optional[str] = None) -> PropagationResult:
+    """Masks on every frame of ``cine`` from the user's segmentations ``segs``; see the module doc.
+    ValueError (bad input) and PropagationCancelled leave the scene unchanged."""
+    known = known_frames(segs, cine_nodes.proxy)
+    labels, m = compute_propagation(cine, known, progress=progress, cancel=cancel)
+    return add_propagation(scene, cine_nodes, known, labels, m, logics=logics, name=name)
 
 
 def undo_propagation(scene, result: PropagationResult, browser=None) -> None:

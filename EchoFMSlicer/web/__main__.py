@@ -17,6 +17,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--token", default=None, help="secret the page must present (required off loopback); "
                    "open http://HOST:PORT/?secret=TOKEN")
     p.add_argument("--export", default=None, help="export folder for corrections (default ~/EchoFM/corrections)")
+    p.add_argument("--bench", action="store_true", help="benchmark instead of serving: start-up to the first "
+                   "image and frame-change re-render in headless Chromium, on the one PATH given")
     return p.parse_args(argv)
 
 
@@ -39,6 +41,12 @@ def main(argv=None) -> int:
         if not Path(p).exists():
             print(f"{p}: no such file or folder", file=sys.stderr)
             return 2
+    if args.bench:
+        if len(args.paths) != 1:
+            print("--bench needs exactly one cine PATH", file=sys.stderr)
+            return 2
+        from .bench import main as bench
+        return bench(args.paths[0])
     import logging
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     from .app import EchoFMWebApp

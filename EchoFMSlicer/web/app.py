@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import logging
 import sys
 import time
@@ -21,22 +22,40 @@ for _p in (REPO, REPO / "EchoFMSlicer"):           # EchoFMSlicerLib is imported
 
 from trame.app import get_server                                   # noqa: E402
 from trame.ui.vuetify3 import VAppLayout                           # noqa: E402
-from trame.widgets import html, vuetify3 as v3                     # noqa: E402
+from trame.widgets import client, html, vuetify3 as v3             # noqa: E402
 from trame_slicer.core import LayoutManager, SlicerApp             # noqa: E402
-from trame_slicer.rca_view import register_rca_factories           # noqa: E402
+from trame_slicer.rca_view.rca_view_factory import RemoteSliceViewFactory  # noqa: E402
 from trame_slicer.segmentation import (SegmentationEffectDraw, SegmentationEffectErase,  # noqa: E402
                                        SegmentationEffectNoTool, SegmentationEffectPaint,
                                        SegmentationEffectScissors, SegmentationEffectThreshold)
 from trame_slicer.segmentation.segmentation_overwrite_mode import SegmentationOverwriteMode  # noqa: E402
+from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
 from undo_stack import UndoStack                                   # noqa: E402
 
+from EchoFMSlicerLib import propagation                            # noqa: E402
 from EchoFMSlicerLib.logic import EchoFMLogic                      # noqa: E402
 
 log = logging.getLogger("EchoFM.web")
 EFFECTS = {"none": SegmentationEffectNoTool, "paint": SegmentationEffectPaint, "erase": SegmentationEffectErase,
            "draw": SegmentationEffectDraw, "scissors": SegmentationEffectScissors,
            "threshold": SegmentationEffectThreshold}
+# key (as the page's keydown names it, "ctrl+" for Ctrl/Cmd) -> (method, arguments)
+KEYS = {"ArrowLeft": ("step", -1), "ArrowRight": ("step", 1), " ": ("toggle_play",), "e": ("jump", "ED"),
+        "s": ("jump", "ES"), "ctrl+z": ("undo",), "ctrl+y": ("redo",), "ctrl+Z": ("redo",)}
+KEY_SCRIPT = """document.addEventListener('keydown', (e) => {
+  const t = e.target;
+  if (t && (t.tagName === 'INPUT' || t.tagName === 'TEXTAREA' || t.isContentEditable)) return;
+  const k = (e.ctrlKey || e.metaKey ? 'ctrl+' : '') + e.key;
+  if (window.trame && %s.includes(k)) { e.preventDefault(); window.trame.trigger('echofm_key', [k]); }
+});""" % json.dumps(sorted(KEYS))
 PLOT_BOX = (0.09, 0.22, 0.97, 0.9)        # axes [left, bottom, right, top] as figure fractions
+# How the slice view streams (measured, docs/web.md): llvmpipe rasterizes when the image is read back,
+# so a frame costs in proportion to its pixels: the view renders at most 420x420 px (EchoNet's 112 px
+# loses nothing; larger cines are shown at that resolution) and the page scales it up. One JPEG
+# quality: trame-rca otherwise renders each change twice (interactive, then still). 60 frames/s in
+# and out of focus: trame-slicer's 10 frames/s out of focus would show a 50 frames/s cine at a fifth.
+VIEW_STREAM = dict(target_fps=60.0, blur_fps=60.0, interactive_quality=90)
+VIEW_MAX_PIXELS = 420 * 420
 
 
 def _png(fig) -> str:
@@ -45,6 +64,19 @@ def _png(fig) -> str:
     import matplotlib.pyplot as plt
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _volume_rows(m: dict, label: str = "") -> list:
+    """Table rows (name, value, unit) of EDV, ESV, EF and LA volume of a measurements dict."""
+    unit = m.get("unit", "")
+    return [{"name": n + label, "value": "-" if m.get(k) is None else f"{m[k]:.2f}", "unit": u}
+            for n, k, u in (("EDV", "edv", unit), ("ESV", "esv", unit), ("EF", "ef_percent", "%"),
+                            ("LA volume", "la_volume", unit))]
+
+
+def _beat_rows(cycles) -> list:
+    return [{"name": f"beat {i + 1} EF", "value": f"{b['ef_percent']:.1f}", "unit": "%"}
+            for i, b in enumerate(cycles or []) if isinstance(b, dict) and b.get("ef_percent") is not None]
 
 
 def _figure():
@@ -65,10 +97,15 @@ class EchoFMWebApp:
         self.state, self.ctrl = self.server.state, self.server.controller
         self.slicer_app = SlicerApp()
         self.logic = EchoFMLogic(self.slicer_app.scene, app_logic=self.slicer_app.app_logic)
-        register_rca_factories(self.slicer_app.view_manager, self.server)
+        self.view_factory = RemoteSliceViewFactory(self.server, **VIEW_STREAM)
+        self.slicer_app.view_manager.register_factory(self.view_factory)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
-        self.layout_manager.register_layout_dict(LayoutManager.default_grid_configuration())
+        # only the one layout used: every registered layout builds its views at once (3 slice views and
+        # a 3D view for the default grid, about 2 s of start-up spent on views never shown)
+        axial = ViewLayoutDefinition.axial_view()
+        self.layout_manager.register_layout("Axial Only", Layout(LayoutDirection.Vertical, [axial]))
         self.layout_manager.set_layout("Axial Only")
+        self.view_factory.get_factory_view(axial.singleton_tag).view_adapter.max_pixel_count = VIEW_MAX_PIXELS
         self.editor = self.slicer_app.segmentation_editor
         self.editor.set_undo_stack(UndoStack(undo_limit=50))
         self.editor.segmentation_modified.connect(self._on_mask_edited)
@@ -77,6 +114,8 @@ class EchoFMWebApp:
         self.ed_seg = self.es_seg = None
         self.analysis_folder = ""
         self.job = None
+        self.propagation = None                       # the shown PropagationResult of this cine
+        self._prop_task, self._prop_cancel, self._prop_report = None, False, (0.0, "")
         self._play_task = None
         self._t_frame = {}
         s = self.state
@@ -88,11 +127,13 @@ class EchoFMWebApp:
                       export_folder=str(Path(export_folder) if export_folder else
                                         Path.home() / "EchoFM" / "corrections"),
                       export_text="", job_text="", job_progress=0, job_busy=False, steps=300,
-                      error="", show_ai=True, last_render_ms=0.0, edits=0))
+                      error="", show_ai=True, last_render_ms=0.0, edits=0, prop_busy=False,
+                      prop_progress=0, prop_text="", frame_mask="", play_clock=[]))
         s.change("frame")(self._on_frame)
         s.change("cine_id")(self._on_pick_cine)
         s.change("effect")(self._on_effect)
         s.change("show_ai")(self._on_show_ai)
+        self.ctrl.trigger("echofm_key")(self.on_key)
         self._build_ui()
 
     # ------------------------------------------------------------------ helpers
@@ -136,13 +177,14 @@ class EchoFMWebApp:
         self.nodes = self.logic.cine_nodes(browser)
         self.cine = self.logic.cine(browser)
         self.ed_seg = self.es_seg = None
+        self.propagation = None
         self.analysis_folder = ""
         self.logic.show_cine(self.nodes)
         s = self.state
         s.n_frames, s.fps = self.nodes.num_frames, float(self.cine.fps)
         s.info = self.logic.describe_cine(browser)
         s.ed = s.es = None
-        s.phase_text = s.measure_text = s.view_text = s.scores_text = s.editing = ""
+        s.phase_text = s.measure_text = s.view_text = s.scores_text = s.editing = s.frame_mask = s.prop_text = ""
         s.rows, s.vol_img = [], ""
         s.frame = 0
         self._draw_ecg()
@@ -153,11 +195,13 @@ class EchoFMWebApp:
         if self.browser is None:
             return
         t0 = time.perf_counter()
-        self.logic.go_to_frame(self.browser, int(frame))
-        for view in self.slicer_app.view_manager.get_views():
-            view.render()
+        self.logic.go_to_frame(self.browser, int(frame))    # the view's stream renders and sends it
         self.state.last_render_ms = round(1000 * (time.perf_counter() - t0), 1)
         self.state.ecg_marker = self._marker_fraction(int(frame))
+        result = self.propagation
+        if result is not None and 0 <= int(frame) < len(result.frame_sources):
+            area = int((result.labels[int(frame)] == 1).sum())
+            self.state.frame_mask = f"frame {int(frame)}: {result.frame_sources[int(frame)]} mask, LV_endo {area} px"
 
     def _on_frame(self, frame=0, **_):
         self._show_frame(int(frame or 0))
@@ -192,10 +236,12 @@ class EchoFMWebApp:
         first = int(self.state.frame)
         try:
             while True:
-                frame = (first + int((time.perf_counter() - start) * fps)) % n
+                elapsed = time.perf_counter() - start
+                frame = (first + int(elapsed * fps)) % n
                 if frame != self.state.frame:
                     with self.state:
                         self.state.frame = frame
+                        self.state.play_clock = [first, frame, round(elapsed, 3)]   # what the page can check
                 await asyncio.sleep(max(0.2 / fps, 0.005))
         except asyncio.CancelledError:
             pass
@@ -237,9 +283,10 @@ class EchoFMWebApp:
         self._ecg_xlim = (lo, hi)
         self.state.ecg_img = _png(fig)
 
-    def _draw_volume(self, m: dict):
-        curve = self.logic.volume_curve(self.analysis_folder, self.nodes, m)
+    def _draw_volume(self, m: dict, curve=None, title="current masks"):
+        """LV volume over time (the analysis' or a propagation's curve) with the ED/ES points of ``m``."""
         times = self._times()
+        curve = curve or self.logic.volume_curve(self.analysis_folder, self.nodes, m)
         fig, ax = _figure()
         if curve is not None:
             ct, cv = curve
@@ -252,7 +299,7 @@ class EchoFMWebApp:
                             textcoords="offset points")
         ax.set_xlim(times[0], times[-1])
         ax.set_xlabel("time (s)", fontsize=7)
-        ax.set_title(f"LV volume ({m.get('unit', '')}, current masks)", fontsize=8)
+        ax.set_title(f"LV volume ({m.get('unit', '')}, {title})", fontsize=8)
         self.state.vol_img = _png(fig)
 
     # ------------------------------------------------------------------ ED/ES, analysis
@@ -323,6 +370,7 @@ class EchoFMWebApp:
         segmentation_nodes.configure_segment_editor(self.editor.editor_node)   # the panel's settings
         self.editor.set_overwrite_mode(SegmentationOverwriteMode.ALLOW_OVERLAP)
         self.logic.show_segmentations(seg, self.es_seg if which == "ED" else self.ed_seg, self.state.show_ai)
+        self._show_propagated(False)
         self.state.editing = which
         self._on_effect(self.state.effect)
         self.measure()
@@ -364,22 +412,108 @@ class EchoFMWebApp:
                                                               self.analysis_folder)[0])
         if m is None:
             return
-        unit = m.get("unit", "")
-        rows = [{"name": n, "value": "-" if m.get(k) is None else f"{m[k]:.2f}", "unit": u}
-                for n, k, u in (("EDV", "edv", unit), ("ESV", "esv", unit), ("EF", "ef_percent", "%"),
-                                ("LA volume", "la_volume", unit))]
+        rows = _volume_rows(m)
         for phase, seg in (("ED", self.ed_seg), ("ES", self.es_seg)):
             prov = self.logic.provenance(seg)
             area = int((self.logic.labels(seg, self.browser) == 1).sum())
             rows.append({"name": f"{phase} LV_endo area (frame {prov['frame']})", "value": str(area),
                          "unit": f"px, {prov['source']}"})
         result = self.logic.analysis_result(self.analysis_folder) or {}
-        for i, beat in enumerate(((result.get("measurements") or {}).get("cycles") or [])):
-            if isinstance(beat, dict) and beat.get("ef_percent") is not None:
-                rows.append({"name": f"beat {i + 1} EF", "value": f"{beat['ef_percent']:.1f}", "unit": "%"})
-        self.state.rows = rows
+        self.state.rows = rows + _beat_rows((result.get("measurements") or {}).get("cycles"))
         self.state.measure_text = self.logic.describe_measurements(m)
         self._draw_volume(m)
+
+    # ------------------------------------------------------------------ propagation
+    def propagate(self):
+        self._guard("Propagate", self._start_propagation)
+
+    def _start_propagation(self):
+        """Track the drawn ED/ES masks through every frame: the scene is read and written here, the
+        tracking itself (EchoFMSlicerLib.propagation.compute_propagation, no scene) runs in a worker
+        thread so that the page keeps playing and Cancel is heard."""
+        if self.browser is None:
+            raise ValueError("load a cine first")
+        if self._prop_task is not None:
+            raise RuntimeError("a propagation is running: wait for it or cancel it")
+        segs = [s for s in (self.ed_seg, self.es_seg) if s is not None]
+        if not segs:
+            raise ValueError("no masks: Create empty masks and draw the LV on ED (or ES) first")
+        known = self.logic.propagation_input(self.browser, segs)
+        self._prop_cancel, self._prop_report = False, (0.0, "started")
+        self.state.update(dict(prop_busy=True, prop_progress=0, prop_text="Propagate: started"))
+        self._prop_task = asyncio.ensure_future(self._propagation(self.browser, self.logic.cine(self.browser), known))
+
+    async def _propagation(self, browser, cine, known):
+        from EchoFMEngine.clinical.propagate import PropagationCancelled   # engine's tracker: cv2, scipy
+
+        def progress(fraction, message):              # worker thread: only a plain attribute
+            self._prop_report = (fraction, message)
+        job = asyncio.get_running_loop().run_in_executor(
+            None, propagation.compute_propagation, cine, known, progress, lambda: self._prop_cancel)
+        while not job.done():
+            await asyncio.wait([job], timeout=0.25)
+            with self.state:
+                fraction, message = self._prop_report
+                self.state.prop_progress, self.state.prop_text = int(round(100 * fraction)), f"Propagate: {message}"
+        with self.state:
+            self._prop_task = None
+            self.state.prop_busy = False
+            try:
+                labels, m = job.result()
+            except PropagationCancelled:
+                self.state.prop_text = "Propagate: cancelled (nothing changed)"
+                return
+            except Exception as e:                  # bad input: shown in the page
+                self.state.prop_text, self.state.error = "", f"Propagate: {e}"
+                log.warning(f"propagation failed: {type(e).__name__}")
+                return
+            if browser is not self.browser:           # another cine was picked meanwhile
+                return
+            result = self._guard("Propagate", self.logic.add_propagation, browser, known, labels, m)
+            if result is not None:
+                self._show_propagation(result)
+
+    def _show_propagation(self, result):
+        """The propagated masks over the cine (the hand-drawn ones hidden), their curve and measurements."""
+        self.propagation = result
+        for seg in (self.ed_seg, self.es_seg):
+            self.logic.show_segmentations(None, seg, False)
+        self._show_propagated(True)
+        self.state.update(dict(editing="", effect="none", prop_progress=100,
+                               prop_text=f"Propagate: done, masks on {len(result.frame_sources)} frames "
+                                         f"({result.frame_sources.count('corrected')} drawn)"))
+        m = result.measurements
+        self.state.rows = _volume_rows(m, " (propagated)") + _beat_rows(m.get("cycles"))
+        self.state.measure_text = self.logic.describe_measurements(m)
+        self._draw_volume(m, (self._times(), list(m["lv_volume"])), "propagated masks")
+        self._show_frame(int(self.state.frame))
+
+    def _show_propagated(self, visible: bool):
+        result = self.propagation
+        proxy = self.browser.GetProxyNode(result.sequence) if result is not None and self.browser else None
+        if proxy is not None and proxy.GetDisplayNode() is not None:
+            proxy.GetDisplayNode().SetVisibility(visible)
+
+    def cancel_propagation(self):
+        if self._prop_task is not None:
+            self._prop_cancel = True
+            self.state.prop_text = "Propagate: cancelling..."
+
+    def undo_propagation(self):
+        if self.browser is not None and self.logic.undo_propagation(self.browser):
+            self.propagation = None
+            self.state.update(dict(frame_mask="", prop_text="Propagate: undone"))
+            self.edit("ED")
+
+    # ------------------------------------------------------------------ keys
+    def on_key(self, key: str):
+        """The page's keyboard (keys typed into a text box stay there): see KEYS."""
+        action = KEYS.get(key)
+        if action is not None and self.browser is not None:
+            getattr(self, action[0])(*action[1:])
+
+    def toggle_play(self):
+        (self.stop if self.state.playing else self.play)()
 
     # ------------------------------------------------------------------ export, fine-tune
     def export(self):
@@ -444,6 +578,7 @@ class EchoFMWebApp:
         s = "font-size:12px"
         with VAppLayout(self.server, fill_height=True) as layout:
             self.ui = layout
+            client.Script(KEY_SCRIPT)
             with html.Div(style="display:flex;height:100vh;width:100vw;overflow:hidden"):
                 with html.Div(style=f"width:470px;min-width:470px;overflow-y:auto;padding:6px;{s}",
                               classes="bg-grey-lighten-4"):
@@ -463,9 +598,12 @@ class EchoFMWebApp:
                         v3.VBtn(">", click=(self.step, "[1]"), size="small", id="next", classes="ml-1")
                         v3.VBtn("ED", click=(self.jump, "['ED']"), size="small", id="go_ed", classes="ml-1")
                         v3.VBtn("ES", click=(self.jump, "['ES']"), size="small", id="go_es", classes="ml-1")
-                        html.Span("frame {{ frame }} / {{ n_frames - 1 }}", id="frame_label", classes="ml-2")
-                    v3.VSlider(v_model_number=("frame",), min=0, max=("n_frames - 1",), step=1, density="compact",
-                               hide_details=True, id="scrub")
+                        html.Span("frame {{ frame }} / {{ n_frames - 1 }}", id="frame_label", classes="ml-2",
+                                  title="keys: left/right step, space play/pause, E / S jump to ED / ES, "
+                                        "Ctrl+Z / Ctrl+Y undo / redo")
+                    with html.Div(id="scrub"):
+                        v3.VSlider(v_model_number=("frame",), min=0, max=("n_frames - 1",), step=1,
+                                   density="compact", hide_details=True)
                     with html.Div(style="position:relative", v_if="ecg_img"):
                         html.Img(src=("ecg_img",), style="width:100%;display:block", id="ecg")
                         html.Div(v_if="ecg_marker >= 0", id="ecg_marker",
@@ -499,6 +637,16 @@ class EchoFMWebApp:
                     with html.Div(classes="d-flex mt-1"):
                         v3.VBtn("Undo", click=self.undo, size="small", id="undo")
                         v3.VBtn("Redo", click=self.redo, size="small", id="redo", classes="ml-1")
+                    with html.Div(classes="d-flex mt-1"):
+                        v3.VBtn("Propagate", click=self.propagate, size="small", id="propagate",
+                                disabled=("prop_busy",), title="track the drawn masks through every frame")
+                        v3.VBtn("Cancel", click=self.cancel_propagation, size="small", id="prop_cancel",
+                                classes="ml-1", disabled=("!prop_busy",))
+                        v3.VBtn("Undo propagation", click=self.undo_propagation, size="small", id="prop_undo",
+                                classes="ml-1", disabled=("prop_busy",))
+                    v3.VProgressLinear(model_value=("prop_progress",), v_if="prop_busy", height=6, id="prop_bar")
+                    html.Div("{{ prop_text }}", id="prop_text", style=s)
+                    html.Div("{{ frame_mask }}", v_if="frame_mask", id="frame_mask", style=s)
                     with html.Table(v_if="rows.length", classes="measurements",
                                     style="font-size:12px;width:100%;border-collapse:collapse"):
                         with html.Tbody():
@@ -527,8 +675,14 @@ class EchoFMWebApp:
                     self.layout_manager.initialize_layout_grid(layout)
 
     def start(self, paths=(), host="127.0.0.1", port=8080, token=None, **kw):
-        for p in paths:
-            self.load(str(p))
+        paths = [str(p) for p in paths]
+
+        def load_given(**_):
+            with self.state:
+                for p in paths:
+                    self.load(p)
+        # loaded once the server listens: the browser fetches the page meanwhile (start-up, docs/web.md)
+        self.ctrl.on_server_ready.add(load_given)
         if token:      # wslink refuses a connection without this secret; the page reads ?secret=
             sys.argv[1:] = ["--authKey", token]
         else:

@@ -1,7 +1,9 @@
-"""A small Chrome DevTools Protocol driver on aiohttp's websocket client, for the web e2e tests.
+"""A small Chrome DevTools Protocol driver on aiohttp's websocket client (web benchmark and e2e tests).
 
 Starts headless Chromium on a free port, opens one page, and offers evaluate / click / mouse drag /
-screenshot, each a plain CDP command (Runtime.evaluate, Input.dispatchMouseEvent, Page.captureScreenshot).
+keys / screenshot, each a plain CDP command (Runtime.evaluate, Input.dispatchMouseEvent,
+Input.dispatchKeyEvent, Page.captureScreenshot). Clicks and keys are real input events, as a
+person's: they go through the browser's hit testing and focus, not through element.click().
 """
 from __future__ import annotations
 
@@ -86,11 +88,30 @@ class Chromium:
         error = await self.js("(document.querySelector('#error') || {}).innerText || ''")
         raise TimeoutError(f"timed out waiting for {what or expression}; page error: {error!r}")
 
-    async def click(self, selector: str) -> None:
-        ok = await self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
-                           f" if (!e) return false; e.click(); return true; }})()")
-        if not ok:
+    async def box(self, selector: str) -> list:
+        """[x, y, width, height] of the element in the viewport (scrolled into view first)."""
+        r = await self.js(f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+                          f" if (!e) return null; e.scrollIntoView({{block: 'center'}});"
+                          f" const r = e.getBoundingClientRect(); return [r.x, r.y, r.width, r.height]; }})()")
+        if not r:
             raise RuntimeError(f"no element {selector}")
+        return r
+
+    async def click(self, selector: str, at: float = 0.5) -> None:
+        """A real left click at the element's centre (``at``: fraction of its width from the left)."""
+        x, y, w, h = await self.box(selector)
+        await self.click_at(x + w * at, y + h / 2)
+
+    async def click_at(self, x: float, y: float) -> None:
+        await self.mouse("mouseMoved", x, y, buttons=0)
+        await self.mouse("mousePressed", x, y)
+        await self.mouse("mouseReleased", x, y, buttons=0)
+
+    async def key(self, key: str, code: str, vk: int, modifiers: int = 0) -> None:
+        """Press and release one key (``modifiers``: 2 Ctrl, 8 Shift, as CDP counts them)."""
+        for kind in ("rawKeyDown", "keyUp"):
+            await self.send("Input.dispatchKeyEvent", type=kind, key=key, code=code, windowsVirtualKeyCode=vk,
+                            nativeVirtualKeyCode=vk, modifiers=modifiers)
 
     async def mouse(self, kind: str, x: float, y: float, buttons: int = 1) -> None:
         await self.send("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left",
