@@ -16,7 +16,8 @@ from EchoFMEngine.evaluation.cases import HELD_OUT_SEED, parse_data_spec
 from EchoFMEngine.evaluation.evaluate import cli, evaluate, load_checkpoint
 from EchoFMEngine.models import build_echofm
 from EchoFMEngine.models.checkpoint import CheckpointError
-from EchoFMEngine.training import segment as S
+from EchoFMEngine.tasks import SEG_LABELS, STRUCTURE_LABELS
+from EchoFMEngine.training.task_eval import evaluate_task
 
 IMG, FRAMES = 32, 8
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -104,7 +105,7 @@ def test_bootstrap_ci_brackets_the_estimate_and_is_reproducible():
 
 def test_segmentation_summary_matches_metrics_module_and_counts_undefined():
     rng = np.random.default_rng(2)
-    rows = {s: {k: [] for k in reports.SEG_METRICS} for s in S.STRUCTURES}
+    rows = {s: {k: [] for k in reports.SEG_METRICS} for s in STRUCTURE_LABELS}
     pairs = []
     for i in range(6):
         ref = np.zeros((32, 32), np.uint8)
@@ -115,7 +116,7 @@ def test_segmentation_summary_matches_metrics_module_and_counts_undefined():
         if i == 0:
             pred[pred == 3] = 0               # LA missed: Dice 0, distances undefined
         pairs.append((pred, ref))
-        for s, sc in reports.structure_scores(pred, ref, (0.5, 0.5), S.STRUCTURES).items():
+        for s, sc in reports.structure_scores(pred, ref, (0.5, 0.5), STRUCTURE_LABELS).items():
             for k, v in sc.items():
                 rows[s][k].append(v)
     out = reports.segmentation_summary(rows, n_boot=100)
@@ -159,11 +160,13 @@ def test_data_spec_parsing_errors():
 # ------------------------------------------------------ segmenter end to end
 @pytest.fixture(scope="module")
 def segmenter_dir(tmp_path_factory):
+    """An untrained tiny segmenter in the task-checkpoint format (the pipeline, not the accuracy, is tested)."""
+    from EchoFMEngine.models.heads import EchoFMSegmenter
+    from EchoFMEngine.models.task_checkpoint import save_task_model
+
     torch.manual_seed(0)
-    enc = build_echofm("tiny", img_size=IMG, num_frames=FRAMES)
-    items = S.phantom_segmentation_items(4, IMG, FRAMES, seed=3)
-    model = S.finetune_segmentation(enc, items, steps=3, batch_size=2, augment=False)
-    return S.save_segmenter(model, tmp_path_factory.mktemp("ckpt") / "seg")
+    model = EchoFMSegmenter(build_echofm("tiny", img_size=IMG, num_frames=FRAMES), len(SEG_LABELS))
+    return save_task_model(model, tmp_path_factory.mktemp("ckpt") / "seg", _description("segment", list(SEG_LABELS)))
 
 
 def test_cli_segment_end_to_end_on_phantoms(segmenter_dir, tmp_path, capsys):
@@ -178,12 +181,14 @@ def test_cli_segment_end_to_end_on_phantoms(segmenter_dir, tmp_path, capsys):
     for s in m["structures"].values():
         for key in ("dice", "iou", "hd95", "assd"):
             assert len(s[key]["ci95"]) == 2 and s[key]["n"] == m["n_frames"]
-    # same numbers as the segmentation module's own evaluation of the same held-out phantoms
-    ref = S.evaluate_segmentation(S.load_segmenter(segmenter_dir),
-                                  S.phantom_segmentation_items(4, IMG, FRAMES, seed=HELD_OUT_SEED), n_boot=100)
+    # same numbers as training-time validation (task_eval) of the same held-out phantoms
+    from EchoFMEngine.evaluation.cases import phantom_cases
+
+    ref = evaluate_task(load_checkpoint(segmenter_dir, "segment"), "segment",
+                        phantom_cases("segment", 4, IMG, FRAMES), n_boot=100, device="cpu")
     assert m["mean_dice"]["value"] == pytest.approx(ref["mean_dice"])
     assert m["mean_dice"]["ci95"] == pytest.approx(list(ref["mean_dice_ci95"]))
-    assert m["structures"]["la"]["hd95"]["value"] == pytest.approx(ref["structures"]["la"]["hd95_mm"], nan_ok=True)
+    assert m["structures"]["la"]["hd95"]["value"] == pytest.approx(ref["structures"]["la"]["hd95"], nan_ok=True)
     with open(out / "predictions.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == m["n_frames"] == ref["n_frames"]

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from EchoFMEngine.evaluation import label_efficiency as LE
-from EchoFMEngine.evaluation.evaluate import cli
+from EchoFMEngine.evaluation.command import cli
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "Resources" / "configs" / "finetune_view.yaml"

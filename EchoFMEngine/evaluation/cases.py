@@ -15,6 +15,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..cine import CineReadError
+from ..data import build_dataset, dataset_names
+from ..data.files import scrub_paths
+from ..data.labels import AR_BINARY, AS_TASKS
+from ..training.task_data import PROXY_LABELS, phantom_task_items, registry_dataset
 
 HELD_OUT_SEED = 90210   # phantom studies seed * 1000 + i: far from the seeds training configs use
 
@@ -49,8 +53,6 @@ def config_data_spec(data: dict) -> DataSpec:
 
 def parse_data_spec(spec: str, options: Optional[dict] = None) -> DataSpec:
     """``phantom:N`` or ``NAME:ROOT`` -> :class:`DataSpec`; a clear error for anything else."""
-    from ..data import dataset_names
-
     name, sep, rest = str(spec).partition(":")
     name = name.strip().lower()
     if not sep or not rest:
@@ -73,8 +75,6 @@ def phantom_cases(task: str, n: int, size: int, frames: int, class_names=None,
     View labels are re-indexed to the checkpoint's class names (a 5-view model scores phantom
     A2C / A4C too). AS and AR phantoms carry synthetic proxy labels, so only a checkpoint
     trained on those proxies can be scored on them."""
-    from ..training.task_data import PROXY_LABELS, phantom_task_items
-
     names = [str(c) for c in (class_names or [])]
     if task in PROXY_LABELS and names != PROXY_LABELS[task]:
         raise ValueError(f"phantom {task.upper()} cases carry synthetic proxy labels {PROXY_LABELS[task]}; "
@@ -104,8 +104,6 @@ class _Guarded(Dataset):
         try:
             return ("ok", self.dataset[i])
         except CineReadError as exc:
-            from ..data.files import scrub_paths
-
             rel = self.dataset.relative(exc.path)
             return ("skip", rel, scrub_paths(exc.reason, exc.path, rel, self.dataset.root))
 
@@ -115,8 +113,6 @@ def dataset_classes(ds, task: str) -> Optional[list]:
     if task not in ("view", "as", "ar"):
         return None
     if getattr(ds, "name", "") == "ar_multiview":
-        from ..data.labels import AR_BINARY
-
         return list(AR_BINARY)
     classes = getattr(ds, "classes", None)
     if isinstance(classes, dict):
@@ -142,8 +138,6 @@ def dataset_options(spec: DataSpec, task: str, class_names) -> dict:
     whose class list equals their labels unless ``task=`` is given."""
     opts = dict(spec.options)
     if spec.kind == "tmed2" and task == "as" and "task" not in opts:
-        from ..data.labels import AS_TASKS
-
         match = [name for name, (names, _) in AS_TASKS.items() if list(names) == list(class_names or [])]
         if len(match) != 1:
             raise ValueError(f"cannot tell the TMED-2 AS task from the checkpoint's classes {class_names}; "
@@ -155,13 +149,9 @@ def dataset_options(spec: DataSpec, task: str, class_names) -> dict:
 def build_eval_dataset(spec: DataSpec, task: str, split: str, frames: int, size: int, class_names=None):
     """The registry dataset of ``spec`` at the model's frames / size, reading errors surfaced
     to the caller (``skip_unreadable=False``) so that no case is counted twice."""
-    from ..data import build_dataset
-
     if spec.kind == "cache":
         raise ValueError("--data cache:...: the clip cache holds no labels; use the dataset it was cut from")
     if spec.config_data is not None:
-        from ..training.task_data import registry_dataset
-
         ds = registry_dataset(task, spec.config_data, split, frames, size)
         ds.skip_unreadable = False
         return ds

@@ -1,6 +1,6 @@
 """`python -m EchoFMEngine evaluate`: a fine-tuned checkpoint on held-out data -> ``metrics.json``
 (every metric with a 95 % bootstrap CI), ``predictions.csv`` (one row per case, no identifiers)
-and the task's figures. ``evaluate label-efficiency ...`` runs :mod:`.label_efficiency`.
+and the task's figures. The command line (with ``evaluate label-efficiency``) is :mod:`.command`.
 """
 from __future__ import annotations
 
@@ -13,27 +13,28 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import yaml
 
+from ..data.labels import AR_SEVERE_FROM
+from ..metrics import json_safe
+from ..models.checkpoint import CheckpointError
+from ..models.task_checkpoint import load_task_model, read_task_description
+from ..tasks import TASK_NAMES as TASKS
+from ..tasks import structures_for
 from .cases import DataSpec, batches, parse_data_spec
-
-TASKS = ("view", "segment", "as", "ar", "ef")
+from .tasks import ClassificationEval, MultiEval, RegressionEval, SegmentationEval
 
 
 # ------------------------------------------------------------------ checkpoints
 def describe_checkpoint(path: Union[str, Path]) -> dict:
     """The checkpoint's description without loading weights (task checkpoints, and segmenters
     of the ``echofm-segmenter-v1`` format brought to the same keys)."""
-    from ..models.task_checkpoint import read_task_description
-
     return read_task_description(path)
 
 
 def load_checkpoint(path: Union[str, Path], task: str, device="cpu"):
     """The model of ``path`` for ``task`` (its ``description`` attached), or CheckpointError when
     the checkpoint was trained for another task (naming the file, its task and ``task``)."""
-    from ..models.checkpoint import CheckpointError
-    from ..models.task_checkpoint import load_task_model
-
     desc = describe_checkpoint(path)
     if desc.get("task") != task:
         raise CheckpointError(f"{path}: checkpoint is for task {desc.get('task')!r}, but --task is {task!r}")
@@ -65,19 +66,13 @@ def make_evaluator(task: str, desc: dict):
     """The evaluator for ``task`` and this checkpoint's head: classes (view, AS), value (EF),
     label maps (segment), or for AR the severe-vs-not classes plus the severity score when the
     head predicts one (multi-view head)."""
-    from .tasks import ClassificationEval, MultiEval, RegressionEval, SegmentationEval
-
     head = desc.get("head") or {}
     if task == "segment":
-        from ..training.segment import structures_for
-
         return SegmentationEval(structures_for(len(class_names(desc))))
     if task == "ef":
         return RegressionEval("ef", "EF", "%")
     names = class_names(desc)
     if task == "ar" and head.get("kind") == "regressor":
-        from ..data.labels import AR_SEVERE_FROM
-
         return RegressionEval("severity", "AR severity", "grade", severe_from=AR_SEVERE_FROM)
     if len(names) < 2:
         raise ValueError(f"checkpoint of task {task!r} names {len(names)} classes; a classifier needs >= 2")
@@ -115,8 +110,6 @@ def evaluate(task: str, checkpoint, data: str, out, split: str = "test", device:
         raise ValueError(f"--task {task!r}: expected one of {list(TASKS)}")
     if batch_size < 1 or n_boot < 0:
         raise ValueError(f"--batch-size must be >= 1 and --bootstrap >= 0, got {batch_size}, {n_boot}")
-    from ..training.finetune import json_safe
-
     t0 = time.perf_counter()
     spec = data if isinstance(data, DataSpec) else parse_data_spec(data, data_options)
     dev = resolve_device(device)
@@ -152,8 +145,6 @@ def evaluate(task: str, checkpoint, data: str, out, split: str = "test", device:
 
 def _key_values(pairs: list[str]) -> dict:
     """``key=value`` strings -> dict (values read as YAML: numbers, booleans, lists)."""
-    import yaml
-
     out = {}
     for p in pairs:
         k, sep, v = p.partition("=")
@@ -190,13 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cli(argv: list[str]) -> int:
-    if argv and argv[0] == "label-efficiency":
-        from .label_efficiency import cli as le_cli
-
-        return le_cli(argv[1:])
+    """``evaluate --task ...`` (``evaluate label-efficiency`` is dispatched by :mod:`.command`)."""
     args = build_parser().parse_args(argv)
-    from ..models.checkpoint import CheckpointError
-
     try:
         result = evaluate(args.task, args.checkpoint, args.data, args.out, split=args.split, device=args.device,
                           batch_size=args.batch_size, n_boot=args.bootstrap, seed=args.seed,

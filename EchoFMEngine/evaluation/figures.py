@@ -12,7 +12,9 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from sklearn.metrics import roc_curve
+from sklearn.metrics import auc, roc_curve
+
+from ..metrics import bland_altman
 
 
 def _figure(w: float = 4.5, h: float = 4.0) -> Figure:
@@ -53,8 +55,6 @@ def confusion_matrix_figure(cm, class_names: Sequence[str], path, title: str = "
 def roc_figure(y_true, proba, class_names: Sequence[str], path, title: str = "ROC") -> Path:
     """Binary: the ROC of the positive class (column 1, or a 1-D score). Multi-class: one
     one-vs-rest curve per class present in ``y_true``; AUROC in the legend."""
-    from sklearn.metrics import auc
-
     y = np.asarray(y_true).astype(int)
     p = np.asarray(proba, dtype=np.float64)
     if p.ndim == 1:
@@ -100,8 +100,6 @@ def dice_boxplot(values: Mapping[str, Sequence[float]], path, metric: str = "Dic
 
 def bland_altman_figure(y, yhat, path, quantity: str = "EF", unit: str = "%") -> Path:
     """Difference (predicted - reference) against the mean, with bias and 95 % limits of agreement."""
-    from .reports import bland_altman
-
     y, yhat = np.asarray(y, dtype=np.float64), np.asarray(yhat, dtype=np.float64)
     ba = bland_altman(y, yhat)
     fig = _figure()

@@ -19,12 +19,16 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..metrics import higher_is_better
+from ..models.checkpoint import CheckpointError
+from ..tasks import get_task
+from ..training import finetune
+from ..training.config import load_config
+from .cases import config_data_spec, parse_data_spec
 from .evaluate import TASKS, evaluate
+from .figures import label_efficiency_figure
 
 DEFAULT_FRACTIONS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)
-# headline metric per task: a path into metrics.json's "metrics" and whether higher is better
-DEFAULT_METRIC = {"view": "accuracy", "as": "auroc", "ar": "severe.auroc", "ef": "mae", "segment": "mean_dice"}
-LOWER_IS_BETTER = ("mae", "rmse", "hd95", "assd", "bias")
 RESERVED = ("data.label_fraction", "run.out")
 
 
@@ -53,6 +57,13 @@ def metric_value(metrics: dict, path: str) -> dict:
     raise ValueError(f"metric {path!r} is not a number")
 
 
+def default_metric(task: str) -> str:
+    """The task's model-selection metric (:mod:`EchoFMEngine.tasks`) as a path into ``evaluate``'s
+    metrics: a multi-view (AR) evaluation keeps its classes under ``severe``."""
+    t = get_task(task)
+    return f"severe.{t.select_metric}" if t.views else t.select_metric
+
+
 def fraction_dir(out: Path, f: float) -> Path:
     return out / f"fraction_{f:g}"
 
@@ -60,8 +71,6 @@ def fraction_dir(out: Path, f: float) -> Path:
 def _held_out(cfg: dict, data: Optional[str]):
     """The held-out set: ``data`` if given, else ``phantom:<data.n_test or 16>`` for phantom
     configs, else the config dataset's test split."""
-    from .cases import config_data_spec, parse_data_spec
-
     if data:
         return parse_data_spec(data), None
     d = cfg["data"]
@@ -77,10 +86,6 @@ def run(config, fractions: Sequence[float], out, overrides: Sequence[str] = (), 
         seed: int = 0, progress: bool = False, log=print) -> dict:
     """Train and evaluate every fraction (skipping those already done); returns and writes
     ``OUT/label_efficiency.json`` and ``OUT/label_efficiency.png``."""
-    from ..training import finetune
-    from ..training.config import load_config
-    from .figures import label_efficiency_figure
-
     bad = [o for o in overrides if o.split("=", 1)[0].strip() in RESERVED]
     if bad:
         raise ValueError(f"{bad}: label-efficiency sets data.label_fraction and run.out for each fraction itself")
@@ -88,7 +93,7 @@ def run(config, fractions: Sequence[float], out, overrides: Sequence[str] = (), 
     task = cfg0["task"]
     if task not in TASKS:
         raise ValueError(f"{config}: task {task!r} is not a fine-tuning task {list(TASKS)}")
-    metric = metric or DEFAULT_METRIC[task]
+    metric = metric or default_metric(task)
     spec, cfg_split = _held_out(cfg0, data)
     split = cfg_split or split
     out = Path(out)
@@ -131,7 +136,7 @@ def run(config, fractions: Sequence[float], out, overrides: Sequence[str] = (), 
         row["status"] = "run"
         log(f"fraction {f:g}: {metric} {row['value']} (n_train {row['n_train']})")
         rows.append(row)
-    higher = not any(k in metric for k in LOWER_IS_BETTER)
+    higher = higher_is_better(metric)
     runs = [{k: v for k, v in r.items() if k != "settings"} for r in sorted(rows, key=lambda r: r["fraction"])]
     result = {"task": task, **settings, "metric": metric, "higher_is_better": higher, "runs": runs,
               "plot": "label_efficiency.png"}
@@ -171,8 +176,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
-    from ..models.checkpoint import CheckpointError
-
     try:
         result = run(a.config, parse_fractions(a.fractions), a.out, a.overrides, data=a.data, split=a.split,
                      metric=a.metric, device=a.device, n_boot=a.bootstrap, seed=a.seed, progress=a.progress)

@@ -1,12 +1,16 @@
 """Per-task evaluators: run the model on batches of cases, keep targets and predictions (never
 the videos), then report metrics with CIs, figures and the per-case prediction rows.
 
+The model runs through the per-batch predictors of :mod:`training.task_eval` and the numbers come
+from :func:`EchoFMEngine.metrics.summarize` (via :mod:`.reports`), both exactly what training-time
+validation uses, so a test report and the validation score that picked the model agree.
+
 - :class:`ClassificationEval` (view, AS, AR severe-vs-not): ``model.predict_proba``; accuracy,
-  precision, recall, F1, AUROC; confusion matrix + ROC figures.
+  balanced accuracy, precision, recall, F1, AUROC, loss; confusion matrix + ROC figures.
 - :class:`RegressionEval` (EF, AR severity score): ``model.predict``; MAE, RMSE, R^2, bias;
   Bland-Altman + scatter; optionally a "severe vs not" AUROC of the score (AR) with its ROC.
-- :class:`SegmentationEval`: label maps on the labelled frames (``training.segment.predict_items``),
-  per-structure Dice / IoU / HD95 / ASSD (mm when spacing is known); Dice box plot.
+- :class:`SegmentationEval`: label maps on the labelled frames, per-structure Dice / IoU / HD95 /
+  ASSD (mm when spacing is known); Dice box plot.
 """
 from __future__ import annotations
 
@@ -16,30 +20,22 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .. import metrics
+from ..training.task_eval import collate, predict_label_maps, predict_proba, predict_value
 from . import figures, reports
-from .cases import stack
 
 
-def _to(items: list[dict], device, keys: Sequence[str]) -> list[dict]:
-    """Shallow copies of ``items`` with the tensors under ``keys`` moved to ``device``."""
-    return [{**it, **{k: it[k].to(device) for k in keys if torch.is_tensor(it.get(k))}} for it in items]
+def _batch(items: list[dict], device, keys: Sequence[str]) -> dict:
+    """The model inputs and targets of ``items`` stacked on ``device``; a clear error when the data
+    lacks one of ``keys``."""
+    for key in keys:
+        if any(key not in it for it in items):
+            raise ValueError(f"the data has no {key!r} for this task (keys: {sorted(items[0])})")
+    return collate([{k: it[k] for k in keys} for it in items], device)
 
 
-@torch.no_grad()
-def predict_proba(model, items: list[dict], device) -> np.ndarray:
-    """Class probabilities ``[B, C]``; multi-view cases (video ``[V,3,T,H,W]``) pass ``view_valid``."""
-    video = stack(items, "video", device)
-    if video.dim() == 6:
-        return model.predict_proba(video, stack(items, "view_valid", device)).float().cpu().numpy()
-    return model.predict_proba(video).float().cpu().numpy()
-
-
-@torch.no_grad()
-def predict_value(model, items: list[dict], device) -> np.ndarray:
-    """One number per case ``[B]`` (EF, AR severity); multi-view cases pass ``view_valid``."""
-    video = stack(items, "video", device)
-    out = model.predict(video, stack(items, "view_valid", device)) if video.dim() == 6 else model.predict(video)
-    return out.float().reshape(len(items)).cpu().numpy()
+def _needs_views(items: list[dict]) -> tuple[str, ...]:
+    return ("video", "view_valid") if torch.as_tensor(items[0]["video"]).dim() == 5 else ("video",)
 
 
 class ClassificationEval:
@@ -54,7 +50,7 @@ class ClassificationEval:
     def add(self, model, items: list[dict], device) -> None:
         if any("label" not in it for it in items):
             raise ValueError(f"the data has no class 'label' for this task (keys: {sorted(items[0])})")
-        p = predict_proba(model, items, device)
+        p = predict_proba(model, _batch(items, device, _needs_views(items))).numpy()
         if p.shape[1] != len(self.class_names):
             raise ValueError(f"model gives {p.shape[1]} probabilities but the checkpoint names "
                              f"{len(self.class_names)} classes")
@@ -87,7 +83,7 @@ class RegressionEval:
         y = [float(it[self.target]) if self.target in it else None for it in items]
         if None in y:
             raise ValueError(f"the data has no {self.target!r} target for this task")
-        self.yhat.append(predict_value(model, items, device))
+        self.yhat.append(predict_value(model, _batch(items, device, _needs_views(items))).numpy())
         self.y += y
 
     def finish(self, out: Path, n_boot: int, seed: int) -> tuple[dict, list[str], list[dict]]:
@@ -107,7 +103,7 @@ class RegressionEval:
         if self.severe_from is not None:
             severe = (y[keep] >= self.severe_from).astype(int)
             m["severe_from"] = self.severe_from
-            m["auroc_severe"] = reports.with_ci(reports.auroc, severe, yhat[keep], n_boot=n_boot, seed=seed)
+            m["auroc_severe"] = reports.with_ci(metrics.auroc, severe, yhat[keep], n_boot=n_boot, seed=seed)
             figs.append(figures.roc_figure(severe, yhat[keep], ["not severe", "severe"], out / f"{self.prefix}roc.png",
                                            title=f"ROC severe (>= {self.severe_from:g})"))
         rows = [{"case": i, f"true_{self.target}": float(a), f"predicted_{self.target}": float(b),
@@ -120,47 +116,31 @@ class SegmentationEval:
 
     def __init__(self, structures: dict):
         self.structures = dict(structures)
-        self.rows = {s: {k: [] for k in reports.SEG_METRICS} for s in self.structures}
-        self.case_rows: list[dict] = []
-        self.n_cases = 0
-        self.no_spacing = 0
+        self.pred: list[np.ndarray] = []
+        self.ref: list[np.ndarray] = []
+        self.spacing: list = []
+        self.frames: list[list[int]] = []
 
     def add(self, model, items: list[dict], device) -> None:
-        from ..training.segment import predict_items
-
-        for key in ("masks", "mask_valid"):
-            if any(key not in it for it in items):
-                raise ValueError(f"the data has no {key!r} for segmentation (keys: {sorted(items[0])})")
-        preds = predict_items(model, _to(items, device, ("video", "masks", "mask_valid")),
-                              batch_size=len(items), labelled_only=True)
-        for item, pred in zip(items, preds):
-            spacing = item.get("spacing_mm") or (item.get("meta") or {}).get("spacing_mm")
-            self.no_spacing += spacing is None
-            frames = torch.nonzero(item["mask_valid"]).flatten().tolist()
-            refs = item["masks"][item["mask_valid"]].numpy()
-            for f, p, r in zip(frames, pred.cpu().numpy(), refs):
-                scores = reports.structure_scores(p, r, spacing, self.structures)
-                row = {"case": self.n_cases, "frame": f}
-                for s, sc in scores.items():
-                    for k, v in sc.items():
-                        self.rows[s][k].append(v)
-                        row[f"{s}_{k}"] = v
-                self.case_rows.append(row)
-            self.n_cases += 1
-
-    def unit(self) -> str:
-        if self.no_spacing == 0:
-            return "mm"
-        return "px" if self.no_spacing == self.n_cases else "mixed: mm where spacing is known, px otherwise"
+        batch = _batch(items, device, ("video", "masks", "mask_valid"))
+        for item, pred in zip(items, predict_label_maps(model, batch)):
+            self.pred.append(pred.numpy().astype(np.uint8))
+            self.ref.append(item["masks"][item["mask_valid"]].numpy().astype(np.uint8))
+            self.spacing.append(item.get("spacing_mm") or (item.get("meta") or {}).get("spacing_mm"))
+            self.frames.append(torch.nonzero(item["mask_valid"]).flatten().tolist())
 
     def finish(self, out: Path, n_boot: int, seed: int) -> tuple[dict, list[str], list[dict]]:
-        if not self.case_rows:
+        scored = metrics.score_label_maps(self.pred, self.ref, self.spacing, self.structures)
+        if not scored:
             raise ValueError("no labelled frames in the evaluation data (mask_valid is False everywhere)")
-        m = reports.segmentation_summary(self.rows, n_boot=n_boot, seed=seed, unit=self.unit())
-        m["n_cases"], m["n_frames"] = self.n_cases, len(self.case_rows)
+        m = reports.summarize("segmentation", {"frames": scored, "spacing": self.spacing}, n_boot, seed)
+        m["n_cases"] = m.pop("n_clips")
         m["structure_labels"] = {s: list(v) for s, v in self.structures.items()}
-        fig = figures.dice_boxplot({s: r["dice"] for s, r in self.rows.items()}, out / "dice_boxplot.png")
-        return m, [fig.name], self.case_rows
+        rows = [{"case": f["clip"], "frame": self.frames[f["clip"]][f["frame"]],
+                 **{f"{s}_{k}": v for s, sc in f["scores"].items() for k, v in sc.items()}} for f in scored]
+        dice = {s: [f["scores"][s]["dice"] for f in scored] for s in self.structures}
+        fig = figures.dice_boxplot(dice, out / "dice_boxplot.png")
+        return m, [fig.name], rows
 
 
 class MultiEval:

@@ -1,26 +1,29 @@
 """Losses, predictions and metrics of the downstream tasks (what validation and the final test use).
 
 ``predict_dataset`` runs a task model over a dataset of items (the dataset layer's keys) and keeps
-targets and outputs; ``task_metrics`` turns them into numbers with :mod:`EchoFMEngine.metrics`.
+targets and outputs; ``task_metrics`` turns them into numbers with
+:func:`EchoFMEngine.metrics.summarize`, the function ``evaluate``'s test reports call too, so the
+model picked on validation is picked by the definition it is reported by. The per-batch
+predictors (:func:`predict_proba`, :func:`predict_value`, :func:`predict_label_maps`) are shared
+with :mod:`EchoFMEngine.evaluation.tasks`.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import warnings
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
-from ..metrics import auroc, classification_report, regression_report
+from ..metrics import higher_is_better, point_values, summarize
+from ..runtime.distributed import gather_objects, shard_range
+from ..tasks import TASKS, get_task, structures_for
 from .segment import batch_loss as segmentation_batch_loss
-from .segment import score_label_maps, structures_for
 
-CLASSIFICATION = ("view", "as")
-# metric -> better when higher (True) or lower (False); the default selection metric per task
-SELECT = {"view": "accuracy", "as": "auroc", "ar": "auroc", "ef": "mae", "segment": "mean_dice"}
-LOWER_IS_BETTER = ("loss", "mae", "rmse", "hd95", "assd", "bias")
+CLASSIFICATION = tuple(t.name for t in TASKS if "classifier" in t.heads)   # one clip -> classes (view, as)
 
 
 def collate(items: Sequence[dict], device=None) -> dict:
@@ -66,6 +69,35 @@ def task_loss(model, task: str, batch: dict, severity_weight: float = 1.0,
     raise ValueError(f"unknown task {task!r}")
 
 
+def _video_args(batch: dict) -> tuple:
+    """The model's inputs: the clip, plus ``view_valid`` for multi-view studies ``[B,V,3,T,H,W]``."""
+    video = batch["video"]
+    return (video, batch["view_valid"]) if video.dim() == 6 else (video,)
+
+
+@torch.no_grad()
+def predict_proba(model, batch: dict) -> torch.Tensor:
+    """Class probabilities ``[B, C]`` (float32, on the CPU) of a collated batch."""
+    return model.predict_proba(*_video_args(batch)).float().cpu()
+
+
+@torch.no_grad()
+def predict_value(model, batch: dict) -> torch.Tensor:
+    """One number per case ``[B]`` (EF, AR severity; float32, on the CPU) of a collated batch."""
+    return model.predict(*_video_args(batch)).float().reshape(len(batch["video"])).cpu()
+
+
+@torch.no_grad()
+def predict_label_maps(model, batch: dict) -> list[torch.Tensor]:
+    """Per case, the label maps ``[K,H,W]`` (on the CPU) of its K labelled frames (``mask_valid``);
+    only those frames are decoded, K may be 0."""
+    valid = batch["mask_valid"]
+    if not bool(valid.any()):
+        return [valid.new_zeros((0,) + tuple(batch["masks"].shape[-2:]), dtype=torch.long).cpu()] * len(valid)
+    pred = model(batch["video"], frames=valid).argmax(1).cpu()
+    return list(pred.split(valid.sum(1).tolist()))
+
+
 @torch.no_grad()
 def predict_dataset(model, task: str, dataset, batch_size: int = 8, device=None, autocast=None) -> dict:
     """Targets and outputs for every item of ``dataset`` (in order), as numpy arrays / lists.
@@ -73,8 +105,6 @@ def predict_dataset(model, task: str, dataset, batch_size: int = 8, device=None,
     view/as: ``y`` [N], ``proba`` [N,C]; ef: ``y``, ``pred`` [N]; ar: ``y``, ``proba`` [N,2],
     ``severity``, ``severity_pred`` [N]; segment: ``pred`` / ``ref`` lists of ``[K,H,W]`` label maps
     on the labelled frames, ``spacing`` list."""
-    import contextlib
-
     device = device or next(model.parameters()).device
     ctx = autocast or contextlib.nullcontext()
     was_training = model.training
@@ -83,26 +113,21 @@ def predict_dataset(model, task: str, dataset, batch_size: int = 8, device=None,
     for start in range(0, len(dataset), batch_size):
         items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
         batch = collate(items, device)
-        video = batch["video"]
         with ctx:
             if task in CLASSIFICATION:
-                out["proba"].append(model.predict_proba(video).float().cpu())
+                out["proba"].append(predict_proba(model, batch))
                 out["y"].append(batch["label"].cpu())
             elif task == "ef":
-                out["pred"].append(model.predict(video).float().cpu())
+                out["pred"].append(predict_value(model, batch))
                 out["y"].append(batch["ef"].cpu())
             elif task == "ar":
-                out["proba"].append(model.predict_proba(video, batch["view_valid"]).float().cpu())
-                out["severity_pred"].append(model.predict(video, batch["view_valid"]).float().cpu())
+                out["proba"].append(predict_proba(model, batch))
+                out["severity_pred"].append(predict_value(model, batch))
                 out["y"].append(batch["label"].cpu())
                 out["severity"].append(batch["severity"].cpu())
             else:
-                valid = batch["mask_valid"]
-                pred = model(video, frames=valid).argmax(1).cpu() if valid.any() else None
-                counts = valid.sum(1).tolist()
-                parts = pred.split(counts) if pred is not None else [None] * len(items)
-                for it, p in zip(items, parts):
-                    if p is None or not len(p):
+                for it, p in zip(items, predict_label_maps(model, batch)):
+                    if not len(p):
                         continue
                     out["pred"].append(p.numpy())
                     out["ref"].append(it["masks"][it["mask_valid"]].numpy())
@@ -113,55 +138,20 @@ def predict_dataset(model, task: str, dataset, batch_size: int = 8, device=None,
     return {k: torch.cat(v).numpy() for k, v in out.items() if v and k not in ("ref", "spacing")}
 
 
-def _safe(fn, *args) -> float:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return float(fn(*args))
-    except ValueError:
-        return math.nan
-
-
-def classification_metrics(y: np.ndarray, proba: np.ndarray) -> dict:
-    """Accuracy / precision / recall / F1 (macro), AUROC (nan when a class is absent), CE loss,
-    the confusion matrix (rows: true class) and the number of cases."""
-    from sklearn.metrics import confusion_matrix
-
-    y = np.asarray(y, dtype=int)
-    pred = proba.argmax(1)
-    m = classification_report(y, pred)
-    present = np.unique(y)
-    m["auroc"] = _safe(auroc, y, proba) if len(present) == proba.shape[1] else math.nan
-    m["loss"] = float(-np.log(np.clip(proba[np.arange(len(y)), y], 1e-12, None)).mean())
-    m["confusion_matrix"] = confusion_matrix(y, pred, labels=list(range(proba.shape[1]))).tolist()
-    m["n"] = int(len(y))
-    return m
-
-
 def task_metrics(task: str, pred: dict, n_boot: int = 0, seed: int = 0, n_classes: int = 4) -> dict:
-    """Metrics of :func:`predict_dataset`'s output for ``task``."""
-    if task in CLASSIFICATION:
-        return classification_metrics(pred["y"], pred["proba"])
-    if task == "ef":
-        y, yhat = pred["y"], pred["pred"]
-        m = regression_report(y, yhat) if len(y) > 1 else {"r2": math.nan,
-                                                          "mae": float(np.abs(y - yhat).mean()),
-                                                          "rmse": float(np.sqrt(((y - yhat) ** 2).mean()))}
-        m["bias"] = float(np.mean(yhat - y))
-        m["n"] = int(len(y))
-        return m
-    if task == "ar":
-        m = classification_metrics(pred["y"], pred["proba"])
-        sev, sev_hat = pred["severity"], pred["severity_pred"]
-        m["severity_mae"] = float(np.abs(sev - sev_hat).mean())
-        m["severity_rmse"] = float(np.sqrt(((sev - sev_hat) ** 2).mean()))
-        return m
-    if task == "segment":
+    """Metrics of :func:`predict_dataset`'s output for ``task``: :func:`metrics.summarize` of the
+    task's kind (the numbers of ``evaluate``'s reports), as plain values (``<name>_ci95`` where
+    ``n_boot`` > 0). AR adds the severity score's ``severity_mae`` / ``severity_rmse``."""
+    kind = get_task(task).kind
+    if kind == "segmentation":
         if not pred["pred"]:
             raise ValueError("no labelled frame in the evaluation data (mask_valid is False everywhere)")
-        return score_label_maps(pred["pred"], pred["ref"], pred["spacing"], structures_for(n_classes),
-                                n_boot=n_boot, seed=seed)
-    raise ValueError(f"unknown task {task!r}")
+        return point_values(summarize(kind, pred, n_boot, seed, structures=structures_for(n_classes)))
+    m = point_values(summarize(kind, pred, n_boot, seed))
+    if task == "ar":
+        sev = point_values(summarize("regression", {"y": pred["severity"], "pred": pred["severity_pred"]}, n_boot, seed))
+        m.update({f"severity_{k}": sev[k] for k in ("mae", "rmse")})
+    return m
 
 
 def merge_predictions(parts: Sequence[dict]) -> dict:
@@ -184,14 +174,10 @@ def evaluate_task(model, task: str, dataset, batch_size: int = 8, device=None, a
     predicts its block of ``dataset``, the blocks are gathered in order and the metrics are computed
     over the whole dataset, the same numbers as one process (on every rank, or with ``main_only`` on
     rank 0 only, the others get None)."""
-    from torch.utils.data import Subset
-
     n_classes = getattr(getattr(model, "head", None), "n_classes", 4)
     if info is None or not info.enabled:
         preds = predict_dataset(model, task, dataset, batch_size, device, autocast)
         return task_metrics(task, preds, n_boot=n_boot, seed=seed, n_classes=n_classes)
-    from ..runtime.distributed import gather_objects, shard_range
-
     block = list(shard_range(len(dataset), info))
     mine = predict_dataset(model, task, Subset(dataset, block), batch_size, device, autocast) if block else {}
     preds = merge_predictions(gather_objects(mine, info))
@@ -201,9 +187,12 @@ def evaluate_task(model, task: str, dataset, batch_size: int = 8, device=None, a
 
 
 def select_metric(task: str, name: str = "auto") -> tuple[str, bool]:
-    """(metric name, higher is better) used to pick the best model on the validation split."""
-    name = SELECT[task] if name in (None, "auto") else name
-    return name, not any(k in name for k in LOWER_IS_BETTER)
+    """(metric name, higher is better) used to pick the best model on the validation split: the
+    task's ``select_metric`` (:mod:`EchoFMEngine.tasks`) unless ``name`` is given."""
+    if name in (None, "auto"):
+        t = get_task(task)
+        return t.select_metric, t.higher_is_better
+    return name, higher_is_better(name)
 
 
 def is_better(value: float, best: Optional[float], higher: bool, loss: Optional[float] = None,
