@@ -12,12 +12,15 @@ LV cavity inside the LV epicardium, the LA outside the LV.
 """
 from __future__ import annotations
 
-import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 import cv2
 import numpy as np
+import SimpleITK as sitk
 from scipy import ndimage
 
 from ..cine import Cine
@@ -29,6 +32,7 @@ KNOWN_LABELS = (0, LV_ENDO, LV_MYO, LA)
 _REF_SIZE = 112.0      # pixel sizes below are tuned at EchoNet's 112 px and scale with the frame
 _WORK_SIDE = 256       # larger frames are tracked on a grid of this many pixels on the longer side
 _FLOW_SIDE = 224       # flow is computed on frames resized to this many pixels on the longer side
+_CROSS = cv2.getStructuringElement(cv2.MORPH_CROSS, (3, 3))
 
 
 class PropagationCancelled(RuntimeError):
@@ -52,7 +56,10 @@ class PropagationOptions:
     blood_margin: Optional[float] = 18.0  # grey levels above the key frame's local blood level still blood
     outline_smooth_px: float = 1.0  # Gaussian smoothing of the refined outline's distance map (112 px)
     reanchor: bool = True        # drift correction: frames like the key frame are registered to it directly
+    reanchor_min: float = 0.0    # below this blend weight the direct registration is skipped (saves a flow)
     grow_px: float = 0.0         # how far (112 px) the cavity may grow into dark pixels per frame
+    flow_workers: int = 2        # threads computing consecutive-frame flows ahead of the chain (0: none)
+    prefetch: int = 8            # how many flows ahead of the chain are queued
 
 
 # ----------------------------------------------------------------------------- checks
@@ -108,13 +115,10 @@ def _checked_masks(masks, shape: tuple) -> dict[int, np.ndarray]:
     return out
 
 
-def read_mask_frames(path) -> dict[int, np.ndarray]:
-    """``{frame: [H, W] uint8}`` of the labelled frames of a ``[T, H, W]`` label volume (NRRD, NIfTI,
-    any SimpleITK format): frames with no labelled pixel are left out. ValueError names the file."""
-    import SimpleITK as sitk
-
-    from pathlib import Path
-
+def read_label_volume(path) -> np.ndarray:
+    """``[T, H, W]`` uint8 labels (0 to 3) of a label volume file (NRRD, NIfTI, any SimpleITK
+    format; one 2-D label map is one frame). The one reader of mask files for the engine and the
+    Slicer library; ValueError names the file and what is wrong with it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path}: masks file not found")
@@ -131,12 +135,19 @@ def read_mask_frames(path) -> dict[int, np.ndarray]:
             raise ValueError(f"{path}: holds non-integer values; expected labels 0-3")
     bad = sorted(set(np.unique(arr).astype(int).tolist()) - set(KNOWN_LABELS))
     if bad:
-        raise ValueError(f"{path}: unknown label(s) {bad}; expected 0, {LV_ENDO} (LV endo), "
+        raise ValueError(f"{path}: unexpected label value(s) {bad[:5]}; expected 0, {LV_ENDO} (LV endo), "
                          f"{LV_MYO} (LV myocardium), {LA} (LA)")
+    return arr.astype(np.uint8)
+
+
+def read_mask_frames(path) -> dict[int, np.ndarray]:
+    """``{frame: [H, W] uint8}`` of the labelled frames of a ``[T, H, W]`` label volume
+    (:func:`read_label_volume`): frames with no labelled pixel are left out."""
+    arr = read_label_volume(path)
     frames = np.flatnonzero(arr.reshape(arr.shape[0], -1).any(1))
     if frames.size == 0:
         raise ValueError(f"{path}: no labelled frame (all zero)")
-    return {int(f): arr[f].astype(np.uint8) for f in frames}
+    return {int(f): arr[f] for f in frames}
 
 
 # ----------------------------------------------------------------------------- image preparation
@@ -162,11 +173,13 @@ def _prefilter(grey: np.ndarray, sector: np.ndarray, sigma_px: float) -> np.ndar
 
 # ----------------------------------------------------------------------------- flow
 class _Flow:
-    """Backward flows (frame t+1 -> t and t -> t+1) between consecutive frames, computed lazily
-    and shrunk for large frames; ``warp(sdf, src, dst)`` moves a map from frame src to dst."""
+    """Backward flows between frames on a resized grid (DIS), each computed once and handed out
+    once; ``warp(sdf, src, dst)`` moves a map from frame src to dst. ``prefetch`` queues the
+    consecutive-frame flows a tracking chain will ask for on worker threads (OpenCV releases the
+    GIL), so they are computed while the chain refines earlier frames; results are the same."""
 
     def __init__(self, images: np.ndarray, preset: int, side: int = _FLOW_SIDE, stride: int = 2,
-                 iters: int = 50, var_iters: int = 10, finest: int = 0):
+                 iters: int = 50, var_iters: int = 10, finest: int = 0, workers: int = 0):
         self.images = images
         T, H, W = images.shape
         self.scale = side / max(H, W)
@@ -176,64 +189,92 @@ class _Flow:
             self.small = np.stack([cv2.resize(f, size, interpolation=interp) for f in images])
         else:
             self.scale, self.small = 1.0, images
-        # Fine patches, dense stride, more refinement than the presets: at echo resolution the
-        # presets smooth the wall motion away (the tracked cavity lags the contraction).
-        self.dis = cv2.DISOpticalFlow_create(preset)
-        self.dis.setPatchSize(8)
-        self.dis.setPatchStride(stride)
-        self.dis.setFinestScale(finest)
-        self.dis.setGradientDescentIterations(iters)
-        self.dis.setVariationalRefinementIterations(var_iters)
-        self.dis.setVariationalRefinementAlpha(10.0)
-        self.cache: dict = {}
+        self.params = (preset, stride, finest, iters, var_iters)
+        self.local = threading.local()      # one DIS object per thread (they keep state)
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="echofm-flow") if workers > 0 else None
+        self.pending: dict = {}
         yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
         self.grid = (xx, yy)
 
+    def _dis(self):
+        dis = getattr(self.local, "dis", None)
+        if dis is None:
+            # Fine patches, dense stride: at echo resolution the stock presets smooth the wall
+            # motion away (the tracked cavity lags the contraction).
+            preset, stride, finest, iters, var_iters = self.params
+            dis = cv2.DISOpticalFlow_create(preset)
+            dis.setPatchSize(8)
+            dis.setPatchStride(stride)
+            dis.setFinestScale(finest)
+            dis.setGradientDescentIterations(iters)
+            dis.setVariationalRefinementIterations(var_iters)
+            dis.setVariationalRefinementAlpha(10.0)
+            self.local.dis = dis
+        return dis
+
+    def _compute(self, dst: int, src: int) -> np.ndarray:
+        f = self._dis().calc(self.small[dst], self.small[src], None)
+        if self.scale != 1.0:
+            H, W = self.images.shape[1:]
+            interp = cv2.INTER_AREA if self.scale > 1.0 else cv2.INTER_LINEAR
+            f = cv2.resize(f, (W, H), interpolation=interp) / self.scale
+        return f
+
+    def prefetch(self, pairs: Iterable[tuple]) -> None:
+        """Start computing the flows ``(dst, src)`` in the background (no-op without workers)."""
+        if self.pool is None:
+            return
+        for key in pairs:
+            if key not in self.pending:
+                self.pending[key] = self.pool.submit(self._compute, *key)
+
     def field(self, dst: int, src: int) -> np.ndarray:
         """Flow f on dst's grid with I_dst(x) ~ I_src(x + f(x)) (full resolution, [H, W, 2])."""
-        key = (dst, src)
-        if key not in self.cache:
-            f = self.dis.calc(self.small[dst], self.small[src], None)
-            if self.scale != 1.0:
-                H, W = self.images.shape[1:]
-                interp = cv2.INTER_AREA if self.scale > 1.0 else cv2.INTER_LINEAR
-                f = cv2.resize(f, (W, H), interpolation=interp) / self.scale
-            self.cache[key] = f
-        return self.cache[key]
+        fut = self.pending.pop((dst, src), None)
+        return fut.result() if fut is not None else self._compute(dst, src)
 
-    def warp(self, sdf: np.ndarray, src: int, dst: int) -> np.ndarray:
+    def warp(self, maps: dict, src: int, dst: int) -> dict:
+        """``{name: map}`` on frame src moved to frame dst (one flow for all of them)."""
         f = self.field(dst, src)
-        return cv2.remap(sdf, self.grid[0] + f[..., 0], self.grid[1] + f[..., 1], cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_REPLICATE)
+        mx, my = self.grid[0] + f[..., 0], self.grid[1] + f[..., 1]
+        return {k: cv2.remap(v, mx, my, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+                for k, v in maps.items()}
+
+    def close(self) -> None:
+        """Stop the workers; flows not yet started are dropped."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
 
 
 # ----------------------------------------------------------------------------- shapes
 def _sdf(mask: np.ndarray) -> np.ndarray:
-    """Signed distance (negative inside) of a bool mask, float32."""
+    """Signed distance (negative inside) of a bool mask, float32 (OpenCV's exact Euclidean
+    transform: the same values as scipy's, several times faster)."""
     if not mask.any():
         return np.full(mask.shape, 1e3, dtype=np.float32)
-    inside = ndimage.distance_transform_edt(mask)
-    outside = ndimage.distance_transform_edt(~mask)
-    return (outside - inside + np.where(mask, 0.5, -0.5)).astype(np.float32)
-
-
-def _largest(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum_labels(np.ones_like(lab), lab, index=np.arange(1, n + 1))
-    return lab == (1 + int(np.argmax(sizes)))
+    m8 = mask.astype(np.uint8)
+    inside = cv2.distanceTransform(m8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    outside = cv2.distanceTransform(1 - m8, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    return outside - inside + np.where(mask, np.float32(0.5), np.float32(-0.5))
 
 
 def _clean(mask: np.ndarray) -> np.ndarray:
-    """One component, no holes (worked on the mask's bounding box: large frames stay fast)."""
+    """One component (4-connected, the largest), no holes; worked on the mask's bounding box so
+    that large frames stay fast."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     if rows.size == 0:
         return mask
-    r0, r1 = max(0, rows[0] - 1), min(mask.shape[0], rows[-1] + 2)
-    c0, c1 = max(0, cols[0] - 1), min(mask.shape[1], cols[-1] + 2)
-    out = np.zeros_like(mask, dtype=bool)
-    out[r0:r1, c0:c1] = ndimage.binary_fill_holes(_largest(mask[r0:r1, c0:c1]))
+    r0, r1, c0, c1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    box = np.zeros((r1 - r0 + 2, c1 - c0 + 2), np.uint8)     # one px of background all round
+    box[1:-1, 1:-1] = mask[r0:r1, c0:c1]
+    n, lab, stats, _ = cv2.connectedComponentsWithStats(box, connectivity=4)
+    if n > 2:
+        box = (lab == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    outside = box.copy()
+    cv2.floodFill(outside, None, (0, 0), 2, flags=4)           # background reached from the border
+    out = np.zeros(mask.shape, dtype=bool)
+    out[r0:r1, c0:c1] = (outside != 2)[1:-1, 1:-1]
     return out
 
 
@@ -271,7 +312,8 @@ def _refine_cavity(sdf: np.ndarray, image: np.ndarray, band: float, prior_weight
     # growth only into pixels as dark as the key frame's blood (Otsu's class leaks into the LA)
     dark = image.astype(np.float32) < (blood_level + 0.5 * margin if blood_level is not None else thr)
     cand = core | (inner & blood) | (grow_zone & dark)
-    cand = ndimage.binary_opening(cand, iterations=1) | core
+    cand = cv2.morphologyEx(cand.astype(np.uint8), cv2.MORPH_OPEN, _CROSS, borderType=cv2.BORDER_CONSTANT,
+                            borderValue=0).astype(bool) | core
     cand = _clean(cand)
     if not cand.any():
         return sdf
@@ -282,7 +324,8 @@ def _refine_cavity(sdf: np.ndarray, image: np.ndarray, band: float, prior_weight
         blur = cv2.GaussianBlur(out, (0, 0), smooth)
         if 0 < n < blur.size:   # same area as before smoothing: no shrinkage accumulates frame by frame
             flat = blur.ravel()
-            level = 0.5 * (np.partition(flat, n - 1)[n - 1] + np.partition(flat, n)[n])
+            part = np.partition(flat, (n - 1, n))
+            level = 0.5 * (part[n - 1] + part[n])
             blur = blur - np.float32(level)
         out = blur
     return out
@@ -344,7 +387,7 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
     sector = _sector(grey)
     images = _prefilter(grey, sector, max(0.6, opt.smooth_sigma_px * scale))
     flow = _Flow(images, opt.flow_preset, opt.flow_side, opt.flow_stride, opt.flow_iters,
-                 opt.flow_var_iters, opt.flow_finest)
+                 opt.flow_var_iters, opt.flow_finest, opt.flow_workers)
     present = _labels_present(known)
     band = max(1.5, opt.band_px * scale)
     keys = sorted(known)
@@ -375,7 +418,8 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
         ncc, mid, top = ncc_cache[key]
         if abs(t - key) <= 2 or top <= mid:
             return 0.0
-        return float(np.clip((ncc[t] - mid) / (top - mid), 0.0, 1.0) ** 2)
+        w = float(np.clip((ncc[t] - mid) / (top - mid), 0.0, 1.0) ** 2)
+        return w if w >= opt.reanchor_min else 0.0
 
     def track(start: int, stop: int) -> dict[int, dict]:
         """Per-frame structure sdfs tracked from known frame ``start`` towards ``stop`` (exclusive)."""
@@ -386,10 +430,11 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
             if opt.blood_margin is not None else None
         out = {}
         for t in range(start + step, stop, step):
-            cur = {k: flow.warp(v, t - step, t) for k, v in cur.items()}
+            flow.prefetch((u, u - step) for u in range(t, t + step * opt.prefetch, step) if (u - stop) * step < 0)
+            cur = flow.warp(cur, t - step, t)
             w = anchor_weight(start, t) if opt.reanchor else 0.0
             if w > 0.0:   # a frame that looks like the key frame: register it to the key frame directly
-                direct = {k: flow.warp(v, start, t) for k, v in key_sdf.items()}
+                direct = flow.warp(key_sdf, start, t)
                 cur = {k: w * direct[k] + (1.0 - w) * cur[k] for k in cur}
             if opt.refine and LV_ENDO in present:
                 cur["endo"] = _refine_cavity(cur["endo"], images[t], band, opt.prior_weight, sector,
@@ -399,8 +444,29 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
             tick(f"tracking frame {t}")
         return out
 
+    try:
+        result = _track_segments(track, known, keys, present, T, lo, hi, (H, W))
+    finally:
+        flow.close()
+    out = np.empty((len(wanted), *full), dtype=np.uint8)
+    for i, f in enumerate(wanted):
+        if f in known_full:
+            out[i] = known_full[f]
+        elif shrink < 1.0:
+            sdfs = {k: cv2.resize(_sdf(v), (full[1], full[0]), interpolation=cv2.INTER_LINEAR)
+                    for k, v in _structures(result[f]).items()}
+            out[i] = _compose(sdfs, present, full)
+        else:
+            out[i] = result[f]
+    return out
+
+
+def _track_segments(track, known: dict, keys: list, present: list, T: int, lo: int, hi: int,
+                    shape: tuple) -> dict[int, np.ndarray]:
+    """Label maps of every tracked frame: before the first key frame and after the last one one
+    way; between two key frames both ways, blended by temporal distance."""
+    H, W = shape
     result: dict[int, np.ndarray] = {k: known[k].copy() for k in keys}
-    # before the first key frame, after the last one: one way; between two: both ways, blended.
     if keys[0] > 0 and lo < keys[0]:
         for t, s in track(keys[0], max(-1, lo - 1)).items():
             result[t] = _compose(s, present, (H, W))
@@ -415,17 +481,7 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
     if keys[-1] < T - 1 and hi > keys[-1]:
         for t, s in track(keys[-1], hi + 1).items():
             result[t] = _compose(s, present, (H, W))
-    out = np.empty((len(wanted), *full), dtype=np.uint8)
-    for i, f in enumerate(wanted):
-        if f in known_full:
-            out[i] = known_full[f]
-        elif shrink < 1.0:
-            sdfs = {k: cv2.resize(_sdf(v), (full[1], full[0]), interpolation=cv2.INTER_LINEAR)
-                    for k, v in _structures(result[f]).items()}
-            out[i] = _compose(sdfs, present, full)
-        else:
-            out[i] = result[f]
-    return out
+    return result
 
 
 def _segments(keys: Sequence[int], T: int, lo: int, hi: int):

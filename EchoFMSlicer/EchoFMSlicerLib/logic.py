@@ -38,7 +38,6 @@ ECHO_LAYOUT_XML = """<layout type="vertical" split="true">
   <property name="viewlabel" action="default">P</property></view></item>
 </layout>"""
 SOURCE_ATTRIBUTE = "EchoFM.SourceFile"      # browser attribute: the file a cine was loaded from
-MODELS_ENV = "ECHOFM_MODELS"                # same rule as EchoFMEngine.models.registry.default_folder
 
 
 def _unset(path) -> bool:
@@ -131,22 +130,25 @@ class EchoFMLogic:
 
     @staticmethod
     def default_models_folder() -> Path:
-        env = os.environ.get(MODELS_ENV, "").strip()
-        return Path(env).expanduser() if env else Path.home() / ".echofm" / "models"
+        """``$ECHOFM_MODELS`` or ``~/.echofm/models``: the engine's rule (EchoFMEngine.models.registry)."""
+        from EchoFMEngine.models.registry import default_folder   # std-lib only; engine loads on first use
+
+        return default_folder()
 
     @staticmethod
     def models_status(folder) -> str:
         """Which tasks the models folder serves, read from its manifest (no weights loaded)."""
-        folder = Path(folder)
-        manifest = folder / "manifest.json"
-        if not folder.is_dir():
-            return f"{folder} does not exist yet: no fine-tuned weights (import some below)."
-        if not manifest.is_file():
-            return f"No manifest.json in {folder}: no fine-tuned weights imported yet."
+        from EchoFMEngine.models.registry import CheckpointError, ModelStore   # std-lib only, as above
+
+        store = ModelStore(folder)
+        if not store.folder.is_dir():
+            return f"{store.folder} does not exist yet: no fine-tuned weights (import some below)."
+        if not store.manifest_path.is_file():
+            return f"No manifest.json in {store.folder}: no fine-tuned weights imported yet."
         try:
-            tasks = json.loads(manifest.read_text()).get("tasks", {})
-        except (OSError, ValueError) as e:
-            return f"Unreadable {manifest}: {e}"
+            tasks = store.entries()
+        except CheckpointError as e:
+            return f"Unreadable models folder: {e}"
         have = [t for t in TASKS if t in tasks]
         lacking = [t for t in TASKS if t not in tasks]
         return ("Weights for: " + (", ".join(have) or "none") +
@@ -193,9 +195,11 @@ class EchoFMLogic:
     @staticmethod
     def encoder_status(models_folder) -> str:
         """Pretrained encoders in the models folder with source, revision and licence."""
+        from EchoFMEngine.models.registry import CheckpointError, ModelStore   # std-lib only, as above
+
         try:
-            enc = json.loads((Path(models_folder) / "manifest.json").read_text()).get("encoders", {})
-        except (OSError, ValueError):
+            enc = ModelStore(models_folder).encoders()
+        except CheckpointError:
             enc = {}
         if not enc:
             return "No released encoder weights downloaded."
@@ -204,14 +208,14 @@ class EchoFMLogic:
 
     @staticmethod
     def current_model(task: str, models_folder) -> Optional[Path]:
-        """The weights file the models folder serves for ``task`` (from its manifest), or None."""
-        manifest = Path(models_folder) / "manifest.json"
+        """The weights file the models folder serves for ``task`` (from its manifest), or None. Not hashed
+        here (the panel asks often); the analysis checks the SHA-256 before it loads the file."""
+        from EchoFMEngine.models.registry import CheckpointError, ModelStore   # std-lib only, as above
+
         try:
-            entry = json.loads(manifest.read_text()).get("tasks", {}).get(task)
-        except (OSError, ValueError):
+            return ModelStore(models_folder).get(task, verify=False)
+        except CheckpointError:          # unreadable manifest, listed file missing or outside the folder
             return None
-        path = Path(models_folder) / entry["file"] if entry else None
-        return path if path is not None and path.is_file() else None
 
     # ------------------------------------------------------------------ input
     def load_cine(self, path):

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from EchoFMEngine.clinical.propagate import read_label_volume
 
 from .cine_nodes import CineNodes
 from .ecg_nodes import frame_marker_time
@@ -35,19 +36,9 @@ def read_analysis_result(result_folder) -> dict:
 
 
 def read_masks(path) -> np.ndarray:
-    """Label maps [T, H, W] uint8 of a ``masks.nrrd`` (SimpleITK: axes col, row, frame)."""
-    import SimpleITK as sitk
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path}: mask file not found")
-    try:
-        arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
-    except RuntimeError as exc:
-        raise ValueError(f"{path}: cannot read the masks ({str(exc).strip().splitlines()[-1]})") from None
-    if arr.ndim != 3:
-        raise ValueError(f"{path}: masks of shape {arr.shape}, expected [T, H, W]")
-    return arr.astype(np.uint8)
+    """Label maps [T, H, W] uint8 of a ``masks.nrrd`` (the engine's reader: labels checked, errors
+    name the file)."""
+    return read_label_volume(path)
 
 
 def flag_lines(d: dict) -> list:
