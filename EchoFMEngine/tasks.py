@@ -10,9 +10,8 @@ Standard library only, so the Slicer library and the models folder can import it
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Mapping, Optional
 
 CLASSIFICATION, SEGMENTATION, REGRESSION = "classification", "segmentation", "regression"
 KINDS = (CLASSIFICATION, SEGMENTATION, REGRESSION)
@@ -71,31 +70,26 @@ def canonical_label(name: str) -> str:
 
 
 def canonical_labels(names) -> list[str]:
-    """Segmentation label names as read from a file, old names brought to the canonical ones."""
-    return [canonical_label(n) for n in names]
+    """Segmentation label names as read from a file, the older names (``lv_endo``, ``lv_myo``) brought
+    to the canonical ones; names outside the vocabulary (a custom label map) are kept as they are."""
+    return [_BY_NAME[str(n).strip().lower()].name if str(n).strip().lower() in _BY_NAME else n for n in names]
 
 
-class LabelValues(Mapping):
-    """``name -> label value`` over :data:`LABELS`: iterates the canonical names, and also answers
-    the older names (``LABELS["lv_endo"] == 1``) that code and files still use."""
+class LabelValues(dict):
+    """``{name: label value}`` over :data:`LABELS` (canonical names; a plain dict to JSON), which also
+    answers the older names (``LABELS["lv_endo"] == 1``) that code and files still use."""
 
-    def __getitem__(self, name: str) -> int:
+    def __missing__(self, name):
         lab = _BY_NAME.get(name)
         if lab is None:
             raise KeyError(name)
         return lab.value
 
-    def __iter__(self) -> Iterator[str]:
-        return iter(SEG_LABELS)
-
-    def __len__(self) -> int:
-        return len(LABELS)
-
-    def __repr__(self) -> str:
-        return f"LabelValues({dict(self)})"
+    def get(self, name, default=None):
+        return self[name] if name in _BY_NAME else default
 
 
-LABEL_VALUES = LabelValues()
+LABEL_VALUES = LabelValues((lab.name, lab.value) for lab in LABELS)
 
 
 def structures_for(n_classes: int) -> dict[str, tuple[int, ...]]:
@@ -164,6 +158,11 @@ class Task:
             if options and options.get(flag):
                 return kind
         return self.heads[0]
+
+    @property
+    def score_key(self) -> str:
+        """Key of the task's entry in an analysis result's ``scores`` ("" when it has none)."""
+        return self.analysis.partition(".")[2] if self.analysis.startswith("scores.") else ""
 
     @property
     def eval_title(self) -> str:

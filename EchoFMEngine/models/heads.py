@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
+from ..tasks import HEAD_DEFAULTS, get_task
 from .echofm import EchoFM
 
 
@@ -409,6 +410,36 @@ class EchoFMMultiView(EncoderModel):
 
 MODEL_KINDS = {cls.kind: cls for cls in (EchoFMSegmenter, EchoFMFrameSegmenter, EchoFMClassifier, EchoFMRegressor,
                                          EchoFMMultiView)}
+
+
+def new_head_config(task: str, n_labels: int, options: Optional[dict] = None,
+                    target_stats: Optional[dict] = None) -> dict:
+    """The ``head_config()`` dict of a new, untrained model for ``task`` (:mod:`EchoFMEngine.tasks`)
+    with ``n_labels`` output names, from a config's ``head`` ``options`` (norm, dropout, width,
+    layers, fusion, frame_model) and, for a regressor, the training targets' ``mean`` / ``std``."""
+    spec = get_task(task)
+    o = dict(HEAD_DEFAULTS, **(options or {}))
+    kind = spec.head_kind(o)
+    pooled = {"norm": o["norm"], "dropout": o["dropout"]}
+    if kind in ("segmenter", "frame_segmenter"):
+        return {"kind": kind, "n_classes": n_labels, "layers": o["layers"], "width": o["width"]}
+    if kind == "classifier":
+        return {"kind": kind, "n_classes": n_labels, **pooled}
+    if kind == "regressor":
+        stats = target_stats or {"mean": 0.0, "std": 1.0}
+        return {"kind": kind, **pooled, "target_mean": stats["mean"], "target_std": stats["std"]}
+    if kind == "multiview":
+        return {"kind": kind, "views": list(spec.views), "fusion": o["fusion"], **pooled}
+    raise ValueError(f"task {task!r}: no rule for a new {kind!r} head")
+
+
+def build_new_task_model(encoder: EchoFM, task: str, n_labels: int, options: Optional[dict] = None,
+                         freeze_encoder: bool = False, target_stats: Optional[dict] = None) -> EncoderModel:
+    """A new model for ``task`` on ``encoder`` (a per-frame segmenter gets a single-frame copy of it)."""
+    head = new_head_config(task, n_labels, options, target_stats)
+    if head["kind"] == "frame_segmenter":
+        encoder = to_frame_encoder(encoder)
+    return build_task_head(encoder, head, freeze_encoder=freeze_encoder)
 
 
 def build_task_head(encoder: EchoFM, head: dict, freeze_encoder: bool = False) -> EncoderModel:
