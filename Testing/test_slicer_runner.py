@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:   # EchoFMSlicer/ is a folder of the repository (in Slicer: EchoFMSlicerLib)
     sys.path.insert(0, str(REPO))
 
+from EchoFMEngine.atomic import pid_alive as alive  # noqa: E402  (a zombie waiting for a reaper counts as gone)
 from EchoFMSlicer.EchoFMSlicerLib import dependencies as deps  # noqa: E402
 from EchoFMSlicer.EchoFMSlicerLib.runner import (BackgroundProcess, ProcessStartError,  # noqa: E402
                                                  engine_environment, parse_progress, python_command)
@@ -29,23 +30,6 @@ def script(tmp_path: Path, body: str, name: str = "child.py") -> list[str]:
     path = tmp_path / name
     path.write_text(textwrap.dedent(body))
     return [sys.executable, str(path)]
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie waiting for a reaper counts as gone)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    if stat.is_file():
-        try:
-            return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-        except (OSError, IndexError):
-            return False
-    return True
 
 
 def wait_for(predicate, timeout=10.0):
