@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+import time
 from pathlib import Path
+
+STARTED = time.perf_counter()         # start-up times in the log count from here
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +54,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
     from .app import EchoFMWebApp
     app = EchoFMWebApp(models_folder=args.models, export_folder=args.export)
-    app.start(paths=args.paths, host=args.host, port=args.port, token=args.token)
+    log = logging.getLogger("EchoFM.web")
+    log.info(f"start-up: imports and the scene's view took {time.perf_counter() - STARTED:.2f} s")
+    app.start(paths=args.paths, host=args.host, port=args.port, token=args.token, started=STARTED)
     return 0
 
 

@@ -115,6 +115,7 @@ class EchoFMWebApp:
         self.analysis_folder = ""
         self.job = None
         self.propagation = None                       # the shown PropagationResult of this cine
+        self._fixed_frame = None                      # frame of the fixed copy shown while correcting
         self._prop_task, self._prop_cancel, self._prop_report = None, False, (0.0, "")
         self._play_task = None
         self._t_frame = {}
@@ -177,7 +178,7 @@ class EchoFMWebApp:
         self.nodes = self.logic.cine_nodes(browser)
         self.cine = self.logic.cine(browser)
         self.ed_seg = self.es_seg = None
-        self.propagation = None
+        self.propagation = self._fixed_frame = None
         self.analysis_folder = ""
         self.logic.show_cine(self.nodes)
         s = self.state
@@ -195,7 +196,10 @@ class EchoFMWebApp:
         if self.browser is None:
             return
         t0 = time.perf_counter()
-        self.logic.go_to_frame(self.browser, int(frame))    # the view's stream renders and sends it
+        proxy = self.logic.go_to_frame(self.browser, int(frame))    # the view's stream renders and sends it
+        if self._fixed_frame is not None and int(frame) != self._fixed_frame:
+            self.logic.show_volume(proxy)                 # back to the live cine (the editor keeps its copy)
+            self._fixed_frame = None
         self.state.last_render_ms = round(1000 * (time.perf_counter() - t0), 1)
         self.state.ecg_marker = self._marker_fraction(int(frame))
         result = self.propagation
@@ -364,8 +368,10 @@ class EchoFMWebApp:
         self.stop()
         frame = self.logic.mask_frame(seg, default=self.state.ed if which == "ED" else self.state.es)
         self.state.frame = frame
-        proxy = self.logic.go_to_frame(self.browser, frame)
-        self.editor.set_active_segmentation(seg, proxy)
+        # as the panel: the editor works on a fixed copy of the mask's frame, so playing or scrubbing
+        # meanwhile never puts another frame under the mask (threshold reads the source volume)
+        self.editor.set_active_segmentation(seg, self.logic.correction_volume(self.browser, frame))
+        self._fixed_frame = frame
         from EchoFMSlicerLib import segmentation_nodes
         segmentation_nodes.configure_segment_editor(self.editor.editor_node)   # the panel's settings
         self.editor.set_overwrite_mode(SegmentationOverwriteMode.ALLOW_OVERLAP)
@@ -674,13 +680,19 @@ class EchoFMWebApp:
                 with html.Div(style="flex:1;position:relative;background:black", id="view"):
                     self.layout_manager.initialize_layout_grid(layout)
 
-    def start(self, paths=(), host="127.0.0.1", port=8080, token=None, **kw):
+    def start(self, paths=(), host="127.0.0.1", port=8080, token=None, started=None, **kw):
+        """Serve; ``paths`` load once the server listens. ``started``: perf_counter() at the command's
+        start, for the start-up times in the log (seconds only, no paths)."""
         paths = [str(p) for p in paths]
+        t0 = time.perf_counter() if started is None else started
 
         def load_given(**_):
+            ready = time.perf_counter() - t0
             with self.state:
                 for p in paths:
                     self.load(p)
+            log.info(f"start-up: listening at {ready:.2f} s, {len(paths)} cine(s) loaded at "
+                     f"{time.perf_counter() - t0:.2f} s after the command started")
         # loaded once the server listens: the browser fetches the page meanwhile (start-up, docs/web.md)
         self.ctrl.on_server_ready.add(load_given)
         if token:      # wslink refuses a connection without this secret; the page reads ?secret=
