@@ -36,7 +36,7 @@ import warnings
 from typing import Callable, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, stats
 from sklearn import metrics as skm
 
 Spacing = Optional[Union[float, Sequence[float]]]
@@ -148,11 +148,18 @@ def distance_unit(spacings: Sequence) -> str:
 
 # ---------------------------------------------------------------- classification
 def _binary_auroc(positive, score) -> float:
-    """AUROC of ``score`` for the boolean ``positive``; nan when only one class is present."""
+    """AUROC of ``score`` for the boolean ``positive``; nan when only one class is present.
+
+    The Mann-Whitney form (ties count one half, through average ranks), which equals
+    ``sklearn.metrics.roc_auc_score`` (tested) at a fraction of its cost: bootstrap intervals call
+    it thousands of times."""
     pos = np.asarray(positive).astype(bool)
-    if pos.all() or not pos.any():
+    n_pos = int(pos.sum())
+    n_neg = pos.size - n_pos
+    if n_pos == 0 or n_neg == 0:
         return float("nan")
-    return float(skm.roc_auc_score(pos, np.asarray(score, dtype=np.float64)))
+    ranks = stats.rankdata(np.asarray(score, dtype=np.float64))
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def _classes(y_true, scores) -> tuple[np.ndarray, np.ndarray]:

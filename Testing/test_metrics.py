@@ -166,3 +166,11 @@ def test_point_values_and_json_safe():
     assert "auroc_ci95" not in M.point_values(M.classification_summary([0, 1], [[0.9, 0.1], [0.2, 0.8]]))
     assert M.json_safe({"a": float("nan"), "b": (np.float32(1.5), 2)}) == {"a": None, "b": [1.5, 2]}
     assert not M.higher_is_better("mae") and M.higher_is_better("severe.auroc")
+
+
+def test_auroc_with_tied_scores_equals_sklearn():
+    rng = np.random.default_rng(9)
+    for n in (3, 10, 57):
+        y = np.r_[0, 1, rng.integers(0, 2, n - 2)]
+        s = np.round(rng.random(n) + 0.3 * y, 1)                 # many ties
+        assert M.auroc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)

@@ -149,3 +149,26 @@ def test_segmenter_validation_and_evaluate_agree(tmp_path):
     assert m["n_frames"] == val["n_frames"] == len(rows) == 6 and [r["frame"] for r in rows[:2]] == [1, 5]
     for s in ("lv_endo", "lv_epi", "la"):
         assert _same(m["structures"][s]["hd95"]["value"], val["structures"][s]["hd95"])
+
+
+def test_every_metric_the_registry_declares_is_in_validation():
+    """tasks.py declares each task's metrics and selection metric; validation gives them all."""
+    from EchoFMEngine.tasks import TASKS
+
+    rng = np.random.default_rng(5)
+    y2 = np.array([0, 1, 0, 1, 1, 0])
+    p2 = np.stack([1 - rng.random(6), rng.random(6)], 1)
+    p2 /= p2.sum(1, keepdims=True)
+    ref = np.zeros((2, 16, 16), np.uint8)
+    ref[:, 4:10, 4:10] = 1
+    ref[:, 3:11, 3:11][ref[:, 3:11, 3:11] == 0] = 2
+    ref[:, 11:14, 5:9] = 3
+    preds = {"classification": {"y": y2, "proba": p2}, "regression": {"y": rng.uniform(30, 70, 6), "pred": rng.uniform(30, 70, 6)},
+             "segmentation": {"pred": [ref, np.roll(ref, 1, 2)], "ref": [ref, ref], "spacing": [(0.3, 0.3), None]}}
+    for spec in TASKS:
+        pred = dict(preds[spec.kind])
+        if spec.name == "ar":
+            pred.update(severity=rng.uniform(0, 4, 6), severity_pred=rng.uniform(0, 4, 6))
+        m = task_metrics(spec.name, pred, n_boot=5)
+        assert set(spec.metrics) <= set(m) and spec.select_metric in m, (spec.name, set(spec.metrics) - set(m))
+        assert select_metric(spec.name) == (spec.select_metric, spec.higher_is_better)
