@@ -226,9 +226,7 @@ async def _scenario(b, server: Server, shots: Path, export_dir: Path) -> dict:
                      f".innerText.startsWith('frame {mid}:')", 20, "the mask of a tracked frame")
     out["frame_mask"] = await page.text("#frame_mask")
     await asyncio.sleep(0.5)
-    await page.shot("5_propagation.png")
-    await b.js("document.querySelector('#volume').scrollIntoView()")
-    await page.shot("6_measurements.png", check_view=False)
+    await page.shot("5_propagation_measurements.png")
     out["volume_plot"] = await b.js("!!document.querySelector('#volume') && document.querySelector('#volume')"
                                     ".naturalWidth > 100")
     await b.click("#prop_undo")

@@ -65,6 +65,15 @@ class Server:
             await asyncio.sleep(0.05)
         raise TimeoutError(f"the server did not start in {timeout:.0f} s: " + self.log.read_text()[-2000:])
 
+    def cpu_s(self):
+        """CPU seconds (user + system) the server has used so far; None off Linux. Unlike wall time it
+        hardly depends on what else the machine runs."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+
     def stop(self) -> None:
         self.proc.terminate()
         try:
@@ -112,7 +121,7 @@ async def _bench(path: str, n_frames: int, work: Path) -> dict:
         await server.serving()
         serving_s = time.perf_counter() - server.started
         await first_image(browser, f"http://127.0.0.1:{port}/")
-        first_s = time.perf_counter() - server.started
+        first_s, first_cpu = time.perf_counter() - server.started, server.cpu_s()
         n = int(await browser.js("window.trame.state.get('n_frames')"))
         frames = [(7 * i + 3) % n for i in range(n_frames)]
         shown, rendered = await frame_changes(browser, frames)
@@ -120,6 +129,7 @@ async def _bench(path: str, n_frames: int, work: Path) -> dict:
         await browser.close()
         server.stop()
     return {"cine": Path(path).suffix, "frames_in_cine": n, "cores": os.cpu_count(),
+            "load_average_1min": round(os.getloadavg()[0], 2), "server_cpu_s_at_first_image": first_cpu,
             "server_serving_s": round(serving_s, 2), "first_image_s": round(first_s, 2),
             "frame_change_shown_ms": _summary(shown), "frame_change_server_ms": _summary(rendered)}
 
