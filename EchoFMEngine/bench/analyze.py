@@ -11,6 +11,10 @@ one encoder pass per window serves all three) and the segmenter has its own fine
 Each case runs in its own process so that the peak memory (RSS on CPU, allocator peak on CUDA)
 is that case's alone. Seconds per stage (read, phase, each model or shared-encoder group,
 measurements, figure) are printed; ``--repeat N`` times N calls and reports medians.
+
+``--batch N``: archive throughput instead. N phantom studies go through the batch ``analyze``
+(:func:`~EchoFMEngine.analysis.analyze_paths`, resume and CSVs included); under ``torchrun`` every
+process prints its studies/s and rank 0 the total, so 1 and N processes can be compared.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 TASKS = ("view", "segment", "as", "ef")
@@ -125,6 +130,51 @@ def run_case(case: str, preset: str, frames: int, device: str, tasks=TASKS, segm
             "threads": torch.get_num_threads()}
 
 
+def run_batch(n: int, models=None, device: str = "cpu", inputs=None) -> Optional[dict]:
+    """Studies/s of the batch ``analyze`` on ``n`` phantom cines (or the files under ``inputs``), in
+    each of the torchrun processes; the per-rank figures and the total on rank 0 (None elsewhere)."""
+    from ..analysis import analyze_paths
+    from ..clinical.phantoms import make_study
+    from ..runtime import distributed
+
+    info = distributed.setup("cpu")      # gloo for the gathers; the models go to --device
+    tmp = tempfile.TemporaryDirectory(prefix="echofm_bench_batch_") if info.is_main else None
+    try:
+        work = Path(distributed.broadcast_object(tmp.name if tmp else None, info))
+        if inputs is None and info.is_main:
+            (work / "in").mkdir()
+            # EchoNet-sized phantom cines as .npy (no codec cost in the timing); four distinct ones, repeated
+            cines = [np.asarray(make_study("A4C", n_frames=100, size=(112, 112), fps=50.0, heart_rate_bpm=60 + 9 * k,
+                                           seed=k).cine.frames, dtype=np.uint8) for k in range(min(n, 4))]
+            for i in range(n):
+                np.save(work / "in" / f"s{i:04d}.npy", cines[i % len(cines)])
+        if models is None and info.is_main:
+            (work / "no_models").mkdir()
+        distributed.barrier(info)
+        t0 = time.perf_counter()
+        res = analyze_paths([inputs or work / "in"], work / "out", models=models or work / "no_models",
+                            device=device, summary=False, progress=False)
+        wall = time.perf_counter() - t0
+        mine = {"rank": info.rank, "world_size": info.world_size, "studies": len(res["done"]),
+                "failed": len(res["failed"]), "seconds": round(res["seconds"], 3),
+                "studies_per_s": round(len(res["done"]) / max(res["seconds"], 1e-9), 3)}
+        print(json.dumps(mine), flush=True)
+        every = distributed.gather_objects({**mine, "wall_s": wall}, info)
+        distributed.barrier(info)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+        distributed.cleanup()
+    if not info.is_main:
+        return None
+    total = sum(r["studies"] for r in every)
+    slowest = max(r["wall_s"] for r in every)
+    return {"processes": info.world_size, "studies": total, "per_rank_studies_per_s": [r["studies_per_s"] for r in every],
+            "sum_of_ranks_studies_per_s": round(sum(r["studies_per_s"] for r in every), 3),
+            "wall_s": round(slowest, 3), "total_studies_per_s": round(total / max(slowest, 1e-9), 3),
+            "threads_per_process": torch.get_num_threads(), "device": device}
+
+
 def stage_table(timing: dict) -> str:
     """Seconds per stage, one line each, in pipeline order (``model:a+b`` = one shared encoder)."""
     order = ["read", "phase"] + [k for k in timing if k.startswith("model:")] + ["measure"]
@@ -158,7 +208,17 @@ def cli(argv) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="timed calls per case (medians reported)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--inline", action="store_true", help="run in this process (one case, one preset)")
+    ap.add_argument("--batch", type=int, default=None, metavar="N",
+                    help="archive throughput: N phantom studies through batch analyze (per process under torchrun)")
+    ap.add_argument("--inputs", default=None, help="with --batch: analyse these files/folder instead of phantoms")
+    ap.add_argument("--models", default=None, help="with --batch: models folder (default: none, ED/ES and phase only)")
     a = ap.parse_args(list(argv))
+    if a.batch is not None:
+        total = run_batch(a.batch, a.models, "cpu" if a.device == "auto" and not torch.cuda.is_available()
+                          else a.device, a.inputs)
+        if total is not None:
+            print(json.dumps(total), flush=True)
+        return 0
     cases = a.case or ["echonet", "dicom"]
     presets = a.preset or ["vit_s", "vit_l"]
     tasks = tuple(t for t in a.tasks.split(",") if t)
