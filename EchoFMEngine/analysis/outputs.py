@@ -13,6 +13,8 @@ from typing import Optional
 
 import numpy as np
 
+from ..tasks import LABEL_TEXT
+
 CSV_COLUMNS = ["study_id", "input", "view", "view_probability", "phase_method", "heart_rate_bpm",
                "ed_frames", "es_frames", "unit", "edv", "esv", "ef_percent", "la_volume",
                "ef_regression_percent", "as_label", "flags", "unreliable", "needs", "models"]
@@ -69,7 +71,7 @@ def write_masks_nrrd(masks: np.ndarray, spacing_mm: Optional[tuple], path: Path)
     img = sitk.GetImageFromArray(np.ascontiguousarray(masks, dtype=np.uint8))
     if spacing_mm and all(np.isfinite(float(s)) and float(s) > 0 for s in spacing_mm[:2]):
         img.SetSpacing((float(spacing_mm[1]), float(spacing_mm[0]), 1.0))
-    img.SetMetaData("echofm_labels", "0 background, 1 LV cavity, 2 LV myocardium, 3 LA")
+    img.SetMetaData("echofm_labels", LABEL_TEXT)
     img.SetMetaData("echofm_axes", "col,row,frame")
     sitk.WriteImage(img, str(path), useCompression=True)
     return path

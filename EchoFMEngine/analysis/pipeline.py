@@ -25,12 +25,15 @@ from ..cine import Cine
 from ..models.registry import ModelStore
 from . import plausibility as plaus
 from .plausibility import flag
+from ..tasks import LABEL_TEXT, LABELS, REGRESSION, SEGMENTATION, TASKS, get_task, tasks_of
 from ..runtime.distributed import resolve_device
 
 LOW_CONFIDENCE = 0.6          # top view probability below this -> flag "low_view_confidence"
 APICAL_VIEWS = ("A2C", "A3C", "A4C", "A5C")   # views the method of discs (and LV/LA masks) assumes
 VIEWS = APICAL_VIEWS + ("PLAX", "PSAX", "other")
-SEGMENT_LABELS = {"0": "background", "1": "lv_cavity", "2": "lv_myocardium", "3": "la"}
+SEGMENT_LABELS = {str(lab.value): lab.name for lab in LABELS}
+CINE_TASKS = tasks_of(analysed=True)          # what the analysis of one cine runs (view, segment, as, ef)
+CLIP_TASKS = tuple(t for t in CINE_TASKS if get_task(t).kind != SEGMENTATION)   # scored per cycle window
 
 
 @dataclass
@@ -43,7 +46,8 @@ class StudyResult:
     phase: Optional[dict] = None
     segmentation: Optional[dict] = None
     measurements: Optional[dict] = None
-    scores: dict = field(default_factory=lambda: {"as": None, "ar": None, "ef_regression": None})
+    scores: dict = field(default_factory=lambda: {t.score_key or t.name: None for t in TASKS
+                                                  if t.kind != SEGMENTATION and t.analysis != "view"})
     flags: list = field(default_factory=list)
     needs: dict = field(default_factory=dict)
     timing_s: dict = field(default_factory=dict)
@@ -117,8 +121,9 @@ def check_masks(masks, cine: Cine) -> np.ndarray:
         m = m[None]
     if m.shape != cine.shape:
         raise ValueError(f"masks have shape {m.shape} but the cine is {cine.shape} (frames, rows, cols)")
-    if m.min() < 0 or m.max() > 3:
-        raise ValueError(f"mask labels must lie in 0-3 (0 background, 1 LV cavity, 2 myocardium, 3 LA), "
+    top = LABELS[-1].value
+    if m.min() < 0 or m.max() > top:
+        raise ValueError(f"mask labels must lie in 0-{top} ({LABEL_TEXT}), "
                          f"found {int(m.min())}..{int(m.max())}")
     return m.astype(np.uint8)
 
@@ -131,7 +136,7 @@ class ModelSet(dict):
         self.reasons = dict(reasons or {})
 
 
-def load_models(models=None, device: str = "auto", tasks=("view", "segment", "as", "ef")) -> ModelSet:
+def load_models(models=None, device: str = "auto", tasks=CINE_TASKS) -> ModelSet:
     """Load every task model a models folder holds, once (for batches and interactive use)."""
     from ..models.task_checkpoint import load_task_model
 
@@ -155,6 +160,17 @@ def load_models(models=None, device: str = "auto", tasks=("view", "segment", "as
 
     share_encoders(loaded)          # heads on one frozen encoder keep one copy of it in memory
     return loaded
+
+
+def _clip_score(task: str, per_window: np.ndarray, model) -> dict:
+    """A clip model's result over the cycle windows: classes -> the label and mean probabilities,
+    a regression -> the mean value (named by the task's output) and each window's."""
+    spec = get_task(task)
+    if spec.kind == REGRESSION:
+        return {spec.classes[0]: float(np.mean(per_window)), "per_window": [float(v) for v in per_window]}
+    p = per_window.mean(0)
+    labels = model.description["labels"]
+    return {"label": labels[int(np.argmax(p))], "probabilities": dict(zip(labels, map(float, p)))}
 
 
 def _load(models: Mapping, task: str, device, needs: dict):
@@ -270,7 +286,7 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     # Heads on identical encoder weights share one encoder pass per window (inference.encoder_groups).
     t = time.perf_counter()
     clip_models = {}
-    for task in ("view", "as", "ef"):
+    for task in CLIP_TASKS:
         model = _load(store, task, dev, res.needs)
         if model is not None:
             clip_models[task] = model
@@ -282,25 +298,18 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
         outputs.update(zip(group, inference.shared_clip_outputs(members, cine, prepared, cycles, dev)))
         res.timing_s["model:" + "+".join(group)] = time.perf_counter() - tg
     if "view" in outputs:
-        p = outputs["view"].mean(0)
-        labels = clip_models["view"].description["labels"]
-        res.view = {"label": labels[int(np.argmax(p))], "probabilities": dict(zip(labels, map(float, p))),
-                    "windows": len(cycles) or 1}
+        res.view = {**_clip_score("view", outputs["view"], clip_models["view"]), "windows": len(cycles) or 1}
         used("view")
         res.provenance["view_source"] = "model"
-        if float(p.max()) < LOW_CONFIDENCE:
-            res.flags.append(flag("low_view_confidence", f"the view model's top probability is {float(p.max()):.2f}"))
-    if "as" in outputs:
-        p = outputs["as"].mean(0)
-        labels = clip_models["as"].description["labels"]
-        res.scores["as"] = {"label": labels[int(np.argmax(p))], "probabilities": dict(zip(labels, map(float, p)))}
-        used("as")
-    res.needs["ar"] = ("AR severity is scored per study from several colour Doppler views (A3C, A5C, PSAX, "
-                       "PLAX); a single cine cannot be scored")
-    if "ef" in outputs:
-        y = outputs["ef"]
-        res.scores["ef_regression"] = {"ef_percent": float(np.mean(y)), "per_window": [float(v) for v in y]}
-        used("ef")
+        top = max(res.view["probabilities"].values())
+        if top < LOW_CONFIDENCE:
+            res.flags.append(flag("low_view_confidence", f"the view model's top probability is {top:.2f}"))
+    for task in CLIP_TASKS:
+        key = get_task(task).score_key
+        if key and task in outputs:
+            res.scores[key] = _clip_score(task, outputs[task], clip_models[task])
+            used(task)
+    res.needs.update({t.name: t.analysis_note for t in TASKS if not t.analysis})   # AR: per study, not per cine
     res.timing_s["classify"] = time.perf_counter() - t
 
     # View gating: volumes by the method of discs only for an apical view (model or user says so).

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
+from ..tasks import DRAW_ORDER
+from ..tasks import STRUCTURES as _STRUCTURES
+
 # Contours drawn per structure (labels united), outer first so the endocardium stays visible.
-STRUCTURES = [("LV epi", (1, 2), "#3cb44b"), ("LA", (3,), "#4363d8"), ("LV endo", (1,), "#e6194b")]
+STRUCTURES = [(s.title, s.labels, s.colour) for name in DRAW_ORDER for s in _STRUCTURES if s.name == name]
 
 
 def _frame_panel(ax, frames, masks, frame, title):

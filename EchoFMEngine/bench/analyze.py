@@ -33,7 +33,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-TASKS = ("view", "segment", "as", "ef")
+from ..tasks import get_task, tasks_of
+
+TASKS = tasks_of(analysed=True)        # the tasks a cine's analysis runs: view, segment, as, ef
 
 
 def timing_models(preset: str, tasks=TASKS, img_size: Optional[int] = None, shared_encoder: bool = True) -> dict:
@@ -53,11 +55,11 @@ def timing_models(preset: str, tasks=TASKS, img_size: Optional[int] = None, shar
         frozen = shared_encoder and task != "segment"
         if task == "segment":
             m = EchoFMSegmenter(enc)
-            labels = ["background", "lv_cavity", "lv_myocardium", "la"]
+            labels = list(get_task(task).classes)
         elif task == "ef":
             m, labels = EchoFMRegressor(enc, freeze_encoder=frozen), ["ef"]
         else:
-            labels = ["A2C", "A4C", "PLAX", "PSAX", "other"] if task == "view" else ["absent", "present"]
+            labels = list(get_task(task).classes)
             m = EchoFMClassifier(enc, n_classes=len(labels), freeze_encoder=frozen)
         m.description = {"task": task, "labels": labels,
                          "input": {"frames": c.num_frames, "height": c.img_size, "width": c.img_size}}

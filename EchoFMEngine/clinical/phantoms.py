@@ -26,9 +26,10 @@ import numpy as np
 from scipy import ndimage
 
 from EchoFMEngine.cine import Cine, Ecg, SourceInfo
+from EchoFMEngine.tasks import LABEL_VALUES
 
 VIEWS = ("A4C", "A2C")
-LABELS = {"background": 0, "lv_endo": 1, "lv_myo": 2, "la": 3}
+LABELS = LABEL_VALUES    # name -> label value; the older names lv_endo / lv_myo still answer
 ECG_FS = 500.0
 N_DISCS = 20
 ES_PHASE = 0.37  # ES sits at this fraction of the R-R interval after the R peak

@@ -1,14 +1,17 @@
-"""Explicit class lists per task, and label encoding that names the file, row and value on error."""
+"""Explicit class lists per dataset and task, and label encoding that names the file, row and value on
+error. The vocabularies a task declares (views, structures, AR classes) come from :mod:`EchoFMEngine.tasks`."""
 from __future__ import annotations
 
 import math
 from typing import Optional, Sequence
 
-# Segmentation labels (CAMUS convention, also used by the phantoms).
-SEG_CLASSES = ["background", "lv_endo", "lv_myo", "la"]
+from .. import tasks
+
+# Segmentation labels by value (CAMUS convention, also the phantoms'); older names map with tasks.canonical_label.
+SEG_CLASSES = list(tasks.SEG_LABELS)
 
 # TMED-2 views. The release writes "A4CorA2CorOther" for the catch-all class.
-TMED2_VIEWS = ["A2C", "A4C", "PLAX", "PSAX", "other"]
+TMED2_VIEWS = list(tasks.TMED2_VIEWS)
 TMED2_VIEW_ALIASES = {"a4cora2corother": "other", "others": "other"}
 
 # TMED-2 study-level aortic stenosis diagnosis, mildest first.
@@ -17,7 +20,7 @@ AS_GRADES = ["no_AS", "mild_AS", "mildtomod_AS", "moderate_AS", "severe_AS"]
 # Binary AS screening tasks of the paper: grade -> class index (None: not part of the task).
 AS_TASKS: dict[str, tuple[list[str], dict[str, Optional[int]]]] = {
     "as_grade": (AS_GRADES, {g: i for i, g in enumerate(AS_GRADES)}),
-    "as_presence": (["absent", "present"],
+    "as_presence": (list(tasks.get_task("as").classes),
                     {"no_AS": 0, "mild_AS": 1, "mildtomod_AS": 1, "moderate_AS": 1, "severe_AS": 1}),
     "as_early_vs_significant": (["early", "significant"],
                                 {"no_AS": None, "mild_AS": 0, "mildtomod_AS": 0, "moderate_AS": 1,
@@ -27,10 +30,10 @@ AS_TASKS: dict[str, tuple[list[str], dict[str, Optional[int]]]] = {
 }
 
 # Multi-view colour Doppler aortic regurgitation.
-AR_VIEWS = ["A3C", "A5C", "PSAX", "PLAX"]
+AR_VIEWS = list(tasks.AR_VIEWS)
 AR_SEVERITY_STEPS = [i * 0.5 for i in range(9)]  # 0.0 .. 4.0
 AR_SEVERE_FROM = 2.5
-AR_BINARY = ["non_severe", "severe"]
+AR_BINARY = list(tasks.AR_BINARY)
 
 # Cells that mean "no label here" (the row is left out of that task).
 MISSING = {"", "nan", "none", "na", "n/a", "unlabeled", "unlabelled"}

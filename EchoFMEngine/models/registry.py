@@ -25,16 +25,11 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+from ..tasks import TASK_NAMES as TASKS
+from ..tasks import TASKS as _SPECS
 from .files import CheckpointError, weights_file
 
-TASKS = ("view", "segment", "as", "ar", "ef")
-TASK_HELP = {
-    "view": "view identification (A2C, A4C, PLAX, PSAX, other)",
-    "segment": "LV endocardium / epicardium and LA segmentation",
-    "as": "aortic stenosis screening",
-    "ar": "aortic regurgitation severity (multi-view colour Doppler)",
-    "ef": "direct LVEF regression",
-}
+TASK_HELP = {t.name: t.title for t in _SPECS}
 ENV_VAR = "ECHOFM_MODELS"
 MANIFEST = "manifest.json"
 

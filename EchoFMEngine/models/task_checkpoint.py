@@ -24,6 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..tasks import TASK_NAMES as TASKS
+from ..tasks import TASKS as _SPECS
+from ..tasks import canonical_labels, get_task
 from .checkpoint import FORMAT as ENCODER_FORMAT
 from .checkpoint import CheckpointError, weights_file
 from .config import EchoFMConfig
@@ -32,12 +35,9 @@ from .heads import ENCODER_UNUSED, EncoderModel, build_task_head
 
 FORMAT = "echofm-task-v1"
 LEGACY_SEGMENTER = "echofm-segmenter-v1"
-TASKS = ("view", "segment", "as", "ar", "ef")
 REQUIRED = ("task", "labels", "input", "preprocessing", "trained_on")
 INPUT_KEYS = ("frames", "height", "width", "channels", "value_range", "layout")
-# which head kinds can serve which task
-TASK_KINDS = {"view": ("classifier",), "as": ("classifier",), "ar": ("multiview",), "ef": ("regressor",),
-              "segment": ("segmenter", "frame_segmenter")}
+TASK_KINDS = {t.name: t.heads for t in _SPECS}     # which head kinds can serve which task
 
 
 def _unused(key: str) -> bool:
@@ -61,14 +61,10 @@ def check_description(desc: dict, where: str = "description") -> None:
         raise ValueError(f"{where}: 'preprocessing' must be a mapping")
 
 
-def _n_outputs(model: EncoderModel) -> Optional[int]:
-    """Number of label names the model's outputs need (None: not a class list)."""
-    head = model.head_config()
-    if head["kind"] in ("classifier", "segmenter", "frame_segmenter"):
-        return head["n_classes"]
-    if head["kind"] == "multiview":
-        return 2
-    return 1
+def _n_outputs(task: str, head: dict) -> Optional[int]:
+    """Number of label names a ``task`` model with ``head`` (its head_config) needs."""
+    fixed = get_task(task).n_outputs
+    return int(head["n_classes"]) if fixed is None else fixed
 
 
 def save_task_model(model: EncoderModel, folder: Union[str, Path], description: dict) -> Path:
@@ -84,8 +80,8 @@ def save_task_model(model: EncoderModel, folder: Union[str, Path], description: 
     if head["kind"] not in TASK_KINDS[desc["task"]]:
         raise ValueError(f"a {head['kind']} model cannot be saved as task {desc['task']!r} "
                          f"(expected {TASK_KINDS[desc['task']]})")
-    n = _n_outputs(model)
-    if n is not None and len(desc["labels"]) != n:
+    n = _n_outputs(desc["task"], head)
+    if len(desc["labels"]) != n:
         raise ValueError(f"description names {len(desc['labels'])} labels {desc['labels']} but the model has "
                          f"{n} outputs")
     out = Path(folder)
@@ -129,7 +125,11 @@ def read_task_description(path: Union[str, Path]) -> dict:
     if fmt not in (FORMAT, LEGACY_SEGMENTER) or "description" not in meta:
         raise CheckpointError(f"{file}: not an EchoFM task checkpoint (format={fmt!r})")
     desc = json.loads(meta["description"])
-    return _legacy_description(desc) if fmt == LEGACY_SEGMENTER else desc
+    desc = _legacy_description(desc) if fmt == LEGACY_SEGMENTER else desc
+    if desc.get("task") in TASKS and get_task(desc["task"]).vocabulary == "structures" \
+            and isinstance(desc.get("labels"), list):
+        desc["labels"] = canonical_labels(desc["labels"])     # older names (lv_endo, lv_myo) -> canonical
+    return desc
 
 
 def check_task(desc: dict, task: Optional[str], file) -> None:
@@ -157,9 +157,8 @@ def validate_task_file(file, desc: dict) -> None:
             raise ValueError(f"a {kind!r} head cannot serve task {desc['task']!r} (expected {TASK_KINDS[desc['task']]})")
         with torch.device("meta"):
             model = build_from_description(desc)
-        head = desc["head"]
-        n = int(head["n_classes"]) if kind in ("classifier", "segmenter", "frame_segmenter") else None
-        if n is not None and len(desc["labels"]) != n:
+        n = _n_outputs(desc["task"], desc["head"])
+        if get_task(desc["task"]).n_outputs is None and len(desc["labels"]) != n:
             raise ValueError(f"description names {len(desc['labels'])} labels but the head has {n} outputs")
     except CheckpointError:
         raise

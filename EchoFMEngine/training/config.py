@@ -15,6 +15,9 @@ import yaml
 from pydantic import Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 from typing_extensions import Annotated, Literal
 
+from ..tasks import HEAD_DEFAULTS
+from ..tasks import TASK_NAMES as FINETUNE_TASKS
+
 from ..configs import find_config
 
 # Every key a pretraining config may hold, with its default. Model keys are checked by EchoFMConfig.
@@ -55,21 +58,14 @@ DEFAULTS = {
 }
 
 
-FINETUNE_TASKS = ("view", "segment", "as", "ar", "ef")
-
-# Every key a fine-tuning config may hold, the same for all five tasks (docs/finetuning.md explains each).
+# Every key a fine-tuning config may hold, the same for every task (docs/finetuning.md explains each).
 FINETUNE_DEFAULTS = {
     "task": "view",
     "model": {"preset": "tiny"},  # the video encoder (EchoFMConfig keys), as in pretraining
     "init_from": None,           # pretrained encoder (our folder, released EchoFM, VideoMAE) or a task checkpoint
     "head": {
         "mode": "full",          # full (layer-wise lr decay) | frozen (encoder fixed, head only)
-        "norm": True,            # LayerNorm on the pooled tokens (pooled heads)
-        "dropout": 0.0,
-        "width": 16,             # segment: decoder channels at full resolution
-        "layers": None,          # segment: encoder blocks feeding the decoder (None: evenly spaced)
-        "frame_model": False,    # segment: the 2D per-frame variant
-        "fusion": "attention",   # ar: attention | mean over the available views
+        **HEAD_DEFAULTS,         # norm, dropout, width, layers, frame_model, fusion (EchoFMEngine.tasks)
         "severity_weight": 1.0,  # ar: weight of the severity regression loss next to the severe/not loss
     },
     "data": {

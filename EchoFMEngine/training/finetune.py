@@ -29,8 +29,7 @@ from ..atomic import LockedError
 from ..configs import CONFIG_DIR
 from ..data.labels import AR_VIEWS
 from ..models.checkpoint import CheckpointError
-from ..models.heads import (EchoFMClassifier, EchoFMFrameSegmenter, EchoFMMultiView, EchoFMRegressor,
-                            EchoFMSegmenter, EncoderModel, to_frame_encoder)
+from ..models.heads import EncoderModel, build_new_task_model
 from ..models.task_checkpoint import check_task, read_task_description, save_task_model
 from ..runtime import distributed
 from . import checkpointing
@@ -79,18 +78,7 @@ def build_task_model(cfg: dict, data: TaskData) -> EncoderModel:
         if list(labels) != list(data.labels):
             raise CheckpointError(f"{init}: the checkpoint's labels {labels} differ from the data's {data.labels}")
         return model.set_frozen(frozen).train()
-    encoder = build_encoder(cfg)
-    n = len(data.labels)
-    if task in ("view", "as"):
-        return EchoFMClassifier(encoder, n, frozen, h["norm"], h["dropout"])
-    if task == "ef":
-        return EchoFMRegressor(encoder, frozen, h["norm"], h["dropout"], data.target_stats["mean"],
-                               data.target_stats["std"])
-    if task == "ar":
-        return EchoFMMultiView(encoder, AR_VIEWS, h["fusion"], frozen, h["norm"], h["dropout"])
-    if h["frame_model"]:
-        return EchoFMFrameSegmenter(to_frame_encoder(encoder), n, h["layers"], frozen, h["width"])
-    return EchoFMSegmenter(encoder, n, h["layers"], frozen, h["width"])
+    return build_new_task_model(build_encoder(cfg), task, len(data.labels), h, frozen, data.target_stats)
 
 
 def model_input(cfg: dict) -> tuple[int, int, bool]:

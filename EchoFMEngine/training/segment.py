@@ -24,11 +24,12 @@ from safetensors.torch import save_file
 from ..metrics import assd, bootstrap_ci, dice, hd95, iou
 from ..models import EchoFM
 from ..models.heads import ENCODER_UNUSED, EchoFMSegmenter
+from ..tasks import SEG_LABELS, STRUCTURE_LABELS, structures_for  # noqa: F401  (structures_for: public here too)
 from .data import phantom_clip
 from .layer_decay import layer_id, param_groups  # noqa: F401  (public here too)
 
-LABEL_NAMES = {0: "background", 1: "lv_cavity", 2: "lv_myocardium", 3: "la"}
-STRUCTURES = {"lv_endo": (1,), "lv_epi": (1, 2), "la": (3,)}   # structure -> labels it unites
+LABEL_NAMES = dict(enumerate(SEG_LABELS))
+STRUCTURES = STRUCTURE_LABELS      # structure -> labels it unites
 FORMAT = "echofm-segmenter-v1"
 
 
@@ -164,12 +165,6 @@ def evaluate_segmentation(model: EchoFMSegmenter, items: Sequence[dict], n_boot:
     refs = [item["masks"][item["mask_valid"]] for item in items]
     return score_label_maps(preds, refs, [item.get("spacing_mm") for item in items],
                             structures_for(model.head.n_classes), n_boot=n_boot, seed=seed)
-
-
-def structures_for(n_classes: int) -> dict:
-    """The scored structures whose labels a model with ``n_classes`` classes can predict
-    (4 classes: LV endo, LV epi, LA; 2 classes, e.g. EchoNet-Dynamic's LV masks: LV endo)."""
-    return {s: labels for s, labels in STRUCTURES.items() if max(labels) < n_classes}
 
 
 def score_label_maps(preds: Sequence, refs: Sequence, spacings: Sequence, structures: Optional[dict] = None,

@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data.labels import AR_BINARY, AR_SEVERE_FROM, AR_VIEWS, AS_TASKS, TMED2_VIEWS
+from ..tasks import TASK_NAMES
 from .segment import LABEL_NAMES
 
 PHANTOM_VIEWS = ["A2C", "A4C"]
@@ -33,7 +34,7 @@ PROXY_NOTES = {
           "same heart, each present with probability 0.75",
 }
 # which data kinds can feed which task
-KIND_TASKS = {"phantom": ("view", "as", "ar", "ef", "segment"), "tmed2": ("view", "as"),
+KIND_TASKS = {"phantom": TASK_NAMES, "tmed2": ("view", "as"),
               "csv": ("view", "as", "ef", "segment"), "camus": ("segment", "ef"), "echonet": ("segment", "ef"),
               "ar_multiview": ("ar",)}
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}    # phantom studies of a split: seed (10*data.seed + k)*1000 + i

@@ -24,7 +24,6 @@ from . import dependencies
 from .runner import BackgroundProcess, engine_environment, python_command
 from .scene import Logics, all_or_nothing, register_modules
 
-TASKS = ["segment", "view", "as", "ar", "ef"]
 DEVICES = ["auto", "cuda", "cpu"]
 FINETUNE_CONFIG = os.path.join("EchoFMEngine", "configs", "finetune_segment.yaml")   # package data
 # A 2D echo cine wants one large slice view (not three orthogonal views of one slice) and the ECG below it.
@@ -38,6 +37,20 @@ ECHO_LAYOUT_XML = """<layout type="vertical" split="true">
   <property name="viewlabel" action="default">P</property></view></item>
 </layout>"""
 SOURCE_ATTRIBUTE = "EchoFM.SourceFile"      # browser attribute: the file a cine was loaded from
+
+
+def _tasks() -> list:
+    """The engine's task names (EchoFMEngine.tasks), segmentation, the panel's main job, first. Read on
+    first use: this file loads before the engine may be importable (see the module docstring)."""
+    from EchoFMEngine.tasks import TASK_NAMES, get_task
+
+    return sorted(TASK_NAMES, key=lambda t: get_task(t).kind != "segmentation")
+
+
+def __getattr__(name):
+    if name == "TASKS":               # `from EchoFMSlicerLib.logic import TASKS` (the module's choices)
+        return _tasks()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _unset(path) -> bool:
@@ -149,16 +162,16 @@ class EchoFMLogic:
             tasks = store.entries()
         except CheckpointError as e:
             return f"Unreadable models folder: {e}"
-        have = [t for t in TASKS if t in tasks]
-        lacking = [t for t in TASKS if t not in tasks]
+        have = [t for t in _tasks() if t in tasks]
+        lacking = [t for t in _tasks() if t not in tasks]
         return ("Weights for: " + (", ".join(have) or "none") +
                 (". Missing: " + ", ".join(lacking) if lacking else ""))
 
     @staticmethod
     def import_weights_command(weights_file, task: str, models_folder) -> list:
         """``python -m EchoFMEngine models --folder F import FILE --task T`` (contract E)."""
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; one of {TASKS}")
+        if task not in _tasks():
+            raise ValueError(f"unknown task {task!r}; one of {_tasks()}")
         if _unset(weights_file) or not Path(weights_file).exists():
             raise ValueError(f"weights file {weights_file} does not exist")
         return [*python_command(), "-m", "EchoFMEngine", "models", "--folder", str(models_folder),
