@@ -33,7 +33,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..tasks import get_task, tasks_of
+from ..tasks import SEGMENTATION, get_task, tasks_of
 
 TASKS = tasks_of(analysed=True)        # the tasks a cine's analysis runs: view, segment, as, ef
 
@@ -42,25 +42,19 @@ def timing_models(preset: str, tasks=TASKS, img_size: Optional[int] = None, shar
     """Random-weight task models of ``preset`` with the descriptions the pipeline reads; with
     ``shared_encoder`` the clip-level heads (view, AS, EF) sit on one frozen encoder."""
     from ..models import build_echofm
-    from ..models.heads import EchoFMClassifier, EchoFMRegressor, EchoFMSegmenter
+    from ..models.heads import build_new_task_model
 
     models = {}
     shared = None
     for task in tasks:
         enc = build_echofm(preset, **({"img_size": img_size} if img_size else {}))
-        if shared_encoder and task != "segment":
+        pooled = get_task(task).kind != SEGMENTATION          # clip-level heads share the encoder
+        if shared_encoder and pooled:
             shared = shared or enc
             enc = shared
         c = enc.cfg
-        frozen = shared_encoder and task != "segment"
-        if task == "segment":
-            m = EchoFMSegmenter(enc)
-            labels = list(get_task(task).classes)
-        elif task == "ef":
-            m, labels = EchoFMRegressor(enc, freeze_encoder=frozen), ["ef"]
-        else:
-            labels = list(get_task(task).classes)
-            m = EchoFMClassifier(enc, n_classes=len(labels), freeze_encoder=frozen)
+        labels = list(get_task(task).classes)
+        m = build_new_task_model(enc, task, len(labels), freeze_encoder=shared_encoder and pooled)
         m.description = {"task": task, "labels": labels,
                          "input": {"frames": c.num_frames, "height": c.img_size, "width": c.img_size}}
         models[task] = m.eval()
