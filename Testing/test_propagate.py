@@ -124,7 +124,7 @@ def _traced_cases(root):
 def test_real_traced_cines_es_from_ed(shared_data):
     """From the experts' ED mask alone: ES Dice >= 0.88 against the experts' ES mask and EF within 6
     points of the list (issue 12's acceptance; measured values in docs/propagation.md). A plain flow
-    chain (ES Dice ~0.85, EF 11-28 points low) fails."""
+    chain (ES Dice ~0.85, EF 11-28 points low) fails. And from the ES mask alone back to ED."""
     root = shared_data / "echonet" / "traced3"
     if not root.is_dir():
         pytest.skip(f"EchoNet traced cines not found at {root}")
@@ -135,6 +135,13 @@ def test_real_traced_cines_es_from_ed(shared_data):
         pef = 100.0 * (1.0 - lv_volume(p).volume / lv_volume(m_ed).volume)
         assert d >= 0.88, f"{name}: ES Dice {d:.3f}"
         assert abs(pef - ef) <= 6.0, f"{name}: EF {pef:.1f} vs list {ef:.1f}"
+        # the other way, from the ES mask alone back to ED: the cavity must grow with diastole
+        # (without growth the ED cavity came out 13-19 % small, EF 8-13 points low)
+        p = propagate_masks(cine, {es: m_es.astype(np.uint8)}, frames=[ed])[0] == 1
+        d = _dice(p, m_ed)
+        pef = 100.0 * (1.0 - lv_volume(m_es).volume / lv_volume(p).volume)
+        assert d >= 0.9, f"{name}: ED Dice from ES {d:.3f}"
+        assert abs(pef - ef) <= 6.0, f"{name}: EF from the ES mask {pef:.1f} vs list {ef:.1f}"
 
 
 # ----------------------------------------------------------------------------- analysis

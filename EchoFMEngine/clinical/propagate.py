@@ -57,7 +57,8 @@ class PropagationOptions:
     outline_smooth_px: float = 1.0  # Gaussian smoothing of the refined outline's distance map (112 px)
     reanchor: bool = True        # drift correction: frames like the key frame are registered to it directly
     reanchor_min: float = 0.0    # below this blend weight the direct registration is skipped (saves a flow)
-    grow_px: float = 0.0         # how far (112 px) the cavity may grow into dark pixels per frame
+    grow_px: float = 1.0         # how far (112 px) the cavity may grow into dark pixels per frame ...
+    grow_above: float = 0.03     # ... in frames where the flow widens it by more than this share
     flow_workers: int = 2        # threads computing consecutive-frame flows ahead of the chain (0: none)
     prefetch: int = 8            # how many flows ahead of the chain are queued
 
@@ -295,8 +296,9 @@ def _blood_level(image: np.ndarray, cavity: np.ndarray, sigma: float) -> np.ndar
 
 def _refine_cavity(sdf: np.ndarray, image: np.ndarray, band: float, prior_weight: float,
                    sector: np.ndarray, grow: float = 1.0, blood_level=None,
-                   margin: float = 10.0, smooth: float = 0.0) -> np.ndarray:
-    """Snap the tracked cavity (sdf < 0) to the dark blood pool of ``image`` within +-band px."""
+                   margin: float = 10.0, smooth: float = 0.0, keep_out=None) -> np.ndarray:
+    """Snap the tracked cavity (sdf < 0) to the dark blood pool of ``image`` within +-band px;
+    it grows by at most ``grow`` px, never into ``keep_out`` (the tracked LA, when drawn)."""
     near = np.abs(sdf) <= 2.0 * band
     near &= sector
     vals = image[near]
@@ -309,6 +311,8 @@ def _refine_cavity(sdf: np.ndarray, image: np.ndarray, band: float, prior_weight
     core = sdf <= -band
     inner = (sdf < 0) & ~core
     grow_zone = (sdf >= 0) & (sdf < grow)
+    if keep_out is not None:
+        grow_zone &= ~keep_out
     # growth only into pixels as dark as the key frame's blood (Otsu's class leaks into the LA)
     dark = image.astype(np.float32) < (blood_level + 0.5 * margin if blood_level is not None else thr)
     cand = core | (inner & blood) | (grow_zone & dark)
@@ -429,6 +433,7 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
         level = _blood_level(images[start], known[start] == LV_ENDO, 4.0 * scale) \
             if opt.blood_margin is not None else None
         out = {}
+        prev_area = float((cur["endo"] < 0).sum())
         for t in range(start + step, stop, step):
             flow.prefetch((u, u - step) for u in range(t, t + step * opt.prefetch, step) if (u - stop) * step < 0)
             cur = flow.warp(cur, t - step, t)
@@ -437,9 +442,16 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
                 direct = flow.warp(key_sdf, start, t)
                 cur = {k: w * direct[k] + (1.0 - w) * cur[k] for k in cur}
             if opt.refine and LV_ENDO in present:
+                # The flow lags the wall both ways. Contracting, the outline is cut back to the
+                # blood/tissue edge; expanding (the flow itself widens the cavity: diastole), it
+                # may also grow into blood-dark pixels, else a chain from ES stays too small.
+                area = float((cur["endo"] < 0).sum())
+                grow = opt.grow_px * scale if area > prev_area * (1.0 + opt.grow_above) else 0.0
                 cur["endo"] = _refine_cavity(cur["endo"], images[t], band, opt.prior_weight, sector,
-                                              opt.grow_px * scale, level, opt.blood_margin or 0.0,
-                                              opt.outline_smooth_px * scale)
+                                              grow, level, opt.blood_margin or 0.0,
+                                              opt.outline_smooth_px * scale,
+                                              cur["la"] < 0 if LA in present else None)
+                prev_area = float((cur["endo"] < 0).sum())
             out[t] = cur
             tick(f"tracking frame {t}")
         return out
