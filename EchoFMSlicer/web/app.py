@@ -24,12 +24,13 @@ from trame.app import get_server                                   # noqa: E402
 from trame.ui.vuetify3 import VAppLayout                           # noqa: E402
 from trame.widgets import client, html, vuetify3 as v3             # noqa: E402
 from trame_slicer.core import LayoutManager, SlicerApp             # noqa: E402
-from trame_slicer.rca_view.rca_view_factory import RemoteSliceViewFactory  # noqa: E402
+from trame_slicer.rca_view.rca_view_factory import RemoteViewFactory  # noqa: E402
 from trame_slicer.segmentation import (SegmentationEffectDraw, SegmentationEffectErase,  # noqa: E402
                                        SegmentationEffectNoTool, SegmentationEffectPaint,
                                        SegmentationEffectScissors, SegmentationEffectThreshold)
 from trame_slicer.segmentation.segmentation_overwrite_mode import SegmentationOverwriteMode  # noqa: E402
-from trame_slicer.views import Layout, LayoutDirection, ViewLayoutDefinition  # noqa: E402
+from trame_slicer.views import (Layout, LayoutDirection, NoScheduleRendering, SliceView,  # noqa: E402
+                                ViewLayoutDefinition, ViewType)
 from undo_stack import UndoStack                                   # noqa: E402
 
 from EchoFMSlicerLib import propagation                            # noqa: E402
@@ -56,6 +57,17 @@ PLOT_BOX = (0.09, 0.22, 0.97, 0.9)        # axes [left, bottom, right, top] as f
 # and out of focus: trame-slicer's 10 frames/s out of focus would show a 50 frames/s cine at a fifth.
 VIEW_STREAM = dict(target_fps=60.0, blur_fps=60.0, interactive_quality=90)
 VIEW_MAX_PIXELS = 420 * 420
+PLAY_STATE_S = 0.1          # while playing, the page's frame number follows this often (the view every frame)
+VIEW_MAX_PENDING = 2        # images on the way to the page beyond which trame-rca drops new ones
+
+
+def _slice_view(**kw):
+    """trame-slicer's slice view without its ~60 renders while it is built (the stream renders once the
+    page says its size) and without multisampling (8x on llvmpipe; a 2D slice is a texture: the same
+    pixels at a third of the cost per streamed frame, measured in docs/web.md)."""
+    view = SliceView(scheduled_render_strategy=NoScheduleRendering(), **kw)
+    view.render_window().SetMultiSamples(0)
+    return view
 
 
 def _png(fig) -> str:
@@ -97,7 +109,7 @@ class EchoFMWebApp:
         self.state, self.ctrl = self.server.state, self.server.controller
         self.slicer_app = SlicerApp()
         self.logic = EchoFMLogic(self.slicer_app.scene, app_logic=self.slicer_app.app_logic)
-        self.view_factory = RemoteSliceViewFactory(self.server, **VIEW_STREAM)
+        self.view_factory = RemoteViewFactory(self.server, _slice_view, ViewType.SLICE_VIEW, **VIEW_STREAM)
         self.slicer_app.view_manager.register_factory(self.view_factory)
         self.layout_manager = LayoutManager(self.slicer_app.scene, self.slicer_app.view_manager, self.server)
         # only the one layout used: every registered layout builds its views at once (3 slice views and
@@ -105,7 +117,11 @@ class EchoFMWebApp:
         axial = ViewLayoutDefinition.axial_view()
         self.layout_manager.register_layout("Axial Only", Layout(LayoutDirection.Vertical, [axial]))
         self.layout_manager.set_layout("Axial Only")
-        self.view_factory.get_factory_view(axial.singleton_tag).view_adapter.max_pixel_count = VIEW_MAX_PIXELS
+        adapter = self.view_factory.get_factory_view(axial.singleton_tag).view_adapter
+        adapter.max_pixel_count = VIEW_MAX_PIXELS
+        # a browser that cannot keep up gets the newest frame, not a growing queue of old ones
+        self.ctrl.on_server_ready.add(lambda **_: self.server.protocol_call("trame.rca.drop", adapter.area_name,
+                                                                            VIEW_MAX_PENDING))
         self.editor = self.slicer_app.segmentation_editor
         self.editor.set_undo_stack(UndoStack(undo_limit=50))
         self.editor.segmentation_modified.connect(self._on_mask_edited)
@@ -116,6 +132,7 @@ class EchoFMWebApp:
         self.job = None
         self.propagation = None                       # the shown PropagationResult of this cine
         self._fixed_frame = None                      # frame of the fixed copy shown while correcting
+        self._shown_frame = None                      # frame the view shows (may be ahead of state.frame)
         self._prop_task, self._prop_cancel, self._prop_report = None, False, (0.0, "")
         self._play_task = None
         self._t_frame = {}
@@ -200,6 +217,7 @@ class EchoFMWebApp:
         if self._fixed_frame is not None and int(frame) != self._fixed_frame:
             self.logic.show_volume(proxy)                 # back to the live cine (the editor keeps its copy)
             self._fixed_frame = None
+        self._shown_frame = int(frame)
         self.state.last_render_ms = round(1000 * (time.perf_counter() - t0), 1)
         self.state.ecg_marker = self._marker_fraction(int(frame))
         result = self.propagation
@@ -208,6 +226,8 @@ class EchoFMWebApp:
             self.state.frame_mask = f"frame {int(frame)}: {result.frame_sources[int(frame)]} mask, LV_endo {area} px"
 
     def _on_frame(self, frame=0, **_):
+        if self._play_task is not None and int(frame or 0) == self._shown_frame:
+            return                                      # the play loop's own frame, already shown
         self._show_frame(int(frame or 0))
 
     def step(self, d: int):
@@ -232,17 +252,25 @@ class EchoFMWebApp:
         if self._play_task is not None:
             self._play_task.cancel()
             self._play_task = None
+            if self._shown_frame is not None:
+                self.state.frame = self._shown_frame      # the page's number catches up with the view
         self.state.playing = False
 
     async def _play_loop(self):
-        """Frames advance by the clock at the cine's own frame rate (frames are skipped, not slowed)."""
+        """Frames advance by the clock at the cine's own frame rate (frames are skipped, not slowed). The
+        view streams every frame; the page's frame number, slider and ECG marker follow every PLAY_STATE_S
+        (each state change re-renders the page's whole panel: at 50 per second a loaded browser fell
+        seconds behind)."""
         start, fps, n = time.perf_counter(), float(self.state.fps), int(self.state.n_frames)
-        first = int(self.state.frame)
+        first, told = int(self.state.frame), -PLAY_STATE_S
         try:
             while True:
                 elapsed = time.perf_counter() - start
                 frame = (first + int(elapsed * fps)) % n
-                if frame != self.state.frame:
+                if frame != self._shown_frame:
+                    self._show_frame(frame)
+                if elapsed - told >= PLAY_STATE_S and frame != self.state.frame:
+                    told = elapsed
                     with self.state:
                         self.state.frame = frame
                         self.state.play_clock = [first, frame, round(elapsed, 3)]   # what the page can check
