@@ -32,7 +32,8 @@ from ..atomic import AppendCSV, LockedError, RunLock, atomic_write_text, is_disk
 from ..cine import CineReadError
 from ..models.checkpoint import CheckpointError
 from .outputs import CSV_COLUMNS, csv_row, study_id, write_study
-from .pipeline import analyze
+from ..tasks import LABEL_TEXT
+from .pipeline import VIEWS, analyze
 
 RUN_FILE = ".echofm-run.json"
 FAILED_COLUMNS = ["input", "reason"]
@@ -352,14 +353,14 @@ def cli(argv) -> int:
     ap.add_argument("--max-cycles", type=int, default=None,
                     help="run the models on the first N full cardiac cycles only (faster; default: all)")
     ap.add_argument("--no-summary", action="store_true", help="skip the PNG summaries (faster batches)")
-    ap.add_argument("--view", default=None, choices=["A2C", "A3C", "A4C", "A5C", "PLAX", "PSAX", "other"],
+    ap.add_argument("--view", default=None, choices=sorted(VIEWS),
                     help="the view of every input as you know it; volumes (apical methods) run only for an "
                          "apical view, said by the view model (confident) or by this option")
     ap.add_argument("--keep-paths", action="store_true",
                     help="write paths.csv (study id -> input path) into --out; without it no output names a file")
     ap.add_argument("--masks", default=None, metavar="FILE.nrrd",
-                    help="label maps [T, H, W] of one input cine with one or more labelled frames (1 LV endo, "
-                         "2 LV myocardium, 3 LA): propagated to every frame (docs/propagation.md)")
+                    help=f"label maps [T, H, W] of one input cine with one or more labelled frames ({LABEL_TEXT}): "
+                         "propagated to every frame (docs/propagation.md)")
     a = ap.parse_args(list(argv))
     masks = None
     if a.masks:

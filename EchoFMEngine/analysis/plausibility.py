@@ -11,6 +11,8 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage
 
+from ..tasks import LABEL_VALUES
+
 HR_RANGE_BPM = (30.0, 220.0)
 EF_RANGE = (5.0, 90.0)
 TYPICAL_BEAT_S = 1.0        # one beat at 60 bpm: the length test when no heart rate is known
@@ -138,10 +140,10 @@ def check_volumes(m: dict, sector_area_px: Optional[float] = None) -> list:
 
 
 def check_la_vs_lv(masks: np.ndarray, ed_frames) -> list:
-    """The LA should not be larger than the LV cavity at end-diastole (labels 1 LV, 3 LA)."""
+    """The LA should not be larger than the LV cavity at end-diastole."""
     for f in ed_frames or []:
         if 0 <= f < len(masks):
-            lv, la = int((masks[f] == 1).sum()), int((masks[f] == 3).sum())
+            lv, la = int((masks[f] == LABEL_VALUES["lv_cavity"]).sum()), int((masks[f] == LABEL_VALUES["la"]).sum())
             if lv and la > lv:
                 return [flag("la_larger_than_lv", f"at ED frame {f} the LA ({la} px) is larger than the LV cavity "
                                                   f"({lv} px): labels swapped or the view is not apical")]
