@@ -20,6 +20,7 @@ from xml.etree import ElementTree
 import numpy as np
 import slicer
 import vtk
+from EchoFMEngine.tasks import LABELS, STRUCTURE_LABELS
 from vtk.util import numpy_support
 
 from .scene import Logics, add_node, all_or_nothing, logics_for, write_node
@@ -53,15 +54,15 @@ class SegmentSpec:
 
 _LV = ("87878005", "SCT", "Left ventricle")
 SEGMENTS = {
-    "LV_endo": SegmentSpec("LV_endo", (1,), (152 / 255, 55 / 255, 13 / 255), _terminology(_LV),
+    "LV_endo": SegmentSpec("LV_endo", STRUCTURE_LABELS["lv_endo"], (152 / 255, 55 / 255, 13 / 255), _terminology(_LV),
                            "LV cavity inside the endocardial border"),
-    "LV_epi": SegmentSpec("LV_epi", (1, 2), (128 / 255, 174 / 255, 128 / 255),
+    "LV_epi": SegmentSpec("LV_epi", STRUCTURE_LABELS["lv_epi"], (128 / 255, 174 / 255, 128 / 255),
                           _terminology(("74281007", "SCT", "Myocardium"), _LV),
                           "LV inside the epicardial border (cavity + myocardium)"),
-    "LA": SegmentSpec("LA", (3,), (203 / 255, 108 / 255, 81 / 255),
+    "LA": SegmentSpec("LA", STRUCTURE_LABELS["la"], (203 / 255, 108 / 255, 81 / 255),
                       _terminology(("82471001", "SCT", "Left atrium")), "Left atrium"),
 }
-MAX_LABEL = 3
+MAX_LABEL = LABELS[-1].value        # the engine's label vocabulary (EchoFMEngine.tasks)
 
 
 # ----------------------------------------------------------------------------- geometry
