@@ -435,7 +435,9 @@ def propagate_masks(cine, masks: Mapping[int, np.ndarray], frames: Optional[Iter
         out = {}
         prev_area = float((cur["endo"] < 0).sum())
         for t in range(start + step, stop, step):
-            flow.prefetch((u, u - step) for u in range(t, t + step * opt.prefetch, step) if (u - stop) * step < 0)
+            ahead = [u for u in range(t, t + step * opt.prefetch, step) if (u - stop) * step < 0]
+            flow.prefetch([(u, u - step) for u in ahead] +
+                          [(u, start) for u in ahead if opt.reanchor and anchor_weight(start, u) > 0.0])
             cur = flow.warp(cur, t - step, t)
             w = anchor_weight(start, t) if opt.reanchor else 0.0
             if w > 0.0:   # a frame that looks like the key frame: register it to the key frame directly
