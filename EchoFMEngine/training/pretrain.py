@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from ..models import EchoFM, build_echofm, save_pretrained
 from ..models.checkpoint import CheckpointError, init_from_checkpoint
-from . import checkpointing, distributed
+from ..runtime import distributed
+from . import checkpointing
 from ..atomic import LockedError
 from .config import ConfigError, dump_config, load_config
 from .data import Indexed, PhantomClips, StepBatchSampler, item_seed
