@@ -24,9 +24,10 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from ..cine import Cine
+from ..tasks import LABEL_VALUES
 
-# Project label vocabulary (EchoFMEngine.data.labels.SEG_CLASSES / synthetic.LABELS).
-LV_ENDO, LV_MYO, LA = 1, 2, 3
+# The project's label vocabulary (EchoFMEngine.tasks.LABELS).
+LV_ENDO, LV_MYO, LA = (LABEL_VALUES[name] for name in ("lv_cavity", "lv_myocardium", "la"))
 KNOWN_LABELS = (0, LV_ENDO, LV_MYO, LA)
 
 _REF_SIZE = 112.0      # pixel sizes below are tuned at EchoNet's 112 px and scale with the frame
