@@ -18,7 +18,8 @@ from EchoFMEngine.models.checkpoint import CheckpointError
 from EchoFMEngine.models.heads import EchoFMSegmenter
 from EchoFMEngine.models.registry import ModelStore, sha256_of
 from EchoFMEngine.clinical.phantoms import make_study, write_dicom
-from EchoFMEngine.training.segment import save_segmenter
+from EchoFMEngine.models.task_checkpoint import save_task_model
+from EchoFMEngine.training.finetune import model_description
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +40,11 @@ def dicom_folder(tmp_path_factory, study):
 @pytest.fixture(scope="module")
 def empty_models(tmp_path_factory):
     return tmp_path_factory.mktemp("no_models")
+
+
+def save_segmenter(model: EchoFMSegmenter, folder):
+    """``model`` written as a task checkpoint (the one format segmenters are saved in)."""
+    return save_task_model(model, folder, model_description(model, "segment", model.description["labels"], "test"))
 
 
 def tiny_segmenter() -> EchoFMSegmenter:

@@ -18,7 +18,8 @@ from EchoFMEngine.metrics import dice
 from EchoFMEngine.models import build_echofm
 from EchoFMEngine.clinical.phase import detect_ed_es, event_accuracy
 from EchoFMEngine.training.data import phantom_clip
-from EchoFMEngine.training.segment import finetune_segmentation, predict_items
+from EchoFMEngine.training.finetune import fit
+from EchoFMEngine.training.segment import predict_items
 
 IMG, FRAMES = 48, 8
 
@@ -47,8 +48,8 @@ def predicted():
         encoder = build_echofm("tiny", img_size=IMG, num_frames=FRAMES)
         # 30 clips, batch 1, 400 steps: the best of 12 settings at ~20-25 s of training (held-out
         # EF MAE 3.3-3.5 over 30 clips; 10 clips / 300 steps / batch 2 gave 5.0, 20 clips / 600 steps 3.4)
-        model = finetune_segmentation(encoder, clips(30, seed=1), steps=400, lr=3e-3, batch_size=1,
-                                      augment=False, warmup=5)
+        model = fit(encoder, "segment", clips(30, seed=1), ["run.steps=400", "optim.lr=3e-3", "run.batch_size=1",
+                                                             "data.augment=false", "optim.warmup_steps=5"])
         held_out = clips(20, seed=2)
         preds = [p.numpy().astype(np.uint8) for p in predict_items(model, held_out)]
     finally:

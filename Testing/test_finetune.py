@@ -14,10 +14,13 @@ from safetensors.torch import load_file
 from EchoFMEngine.models import CheckpointError, build_echofm, save_pretrained
 from EchoFMEngine.models.heads import EchoFMClassifier, EchoFMSegmenter
 from EchoFMEngine.models.task_checkpoint import load_task_model, read_task_description, save_task_model
+from test_segment import write_legacy_segmenter
+
 from EchoFMEngine.training import finetune, segment
-from EchoFMEngine.training.config import load_config
+from EchoFMEngine.training.config import ConfigError, load_config
 from EchoFMEngine.training.entry import cli
-from EchoFMEngine.training.task_data import phantom_task_items, stratified_subset
+from EchoFMEngine.training.task_data import build_task_data, phantom_task_items, stratified_subset
+from EchoFMEngine.training.task_eval import collate as task_collate
 
 CONFIGS = finetune.CONFIGS
 QUICK = ["run.steps=2", "run.eval_every=2", "run.ckpt_every=2", "run.batch_size=2", "run.log_every=1",
@@ -189,6 +192,55 @@ def test_csv_dataset_trains_through_the_registry(tmp_path, csv_root, task):
         assert m["test"]["n_frames"] >= 1 and 0.0 <= m["test"]["mean_dice"] <= 1.0
 
 
+def with_sources(folder: Path, csv_root: Path, sources: str) -> Path:
+    """The CSV folder's clips listed again with a mask_sources column (one source per mask frame)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    head, *rows = (csv_root / "labels.csv").read_text().splitlines()
+    rows = [r.replace("clip", str(csv_root / "clip")).replace("mask", str(csv_root / "mask")) + f",{sources}"
+            for r in rows]
+    (folder / "labels.csv").write_text("\n".join([head + ",mask_sources", *rows]) + "\n")
+    return folder
+
+
+def test_propagated_frames_are_weighted_or_excluded_as_configured(tmp_path, csv_root):
+    """ED corrected, ES propagated (the Slicer export's mask_sources): weight 1 and 0.5 keep both
+    frames with the ES one weighted; weight 0 leaves ES out of the labelled frames, hence the loss."""
+    root = with_sources(tmp_path / "prop", csv_root, "corrected;propagated")
+    torch.manual_seed(0)
+    model = EchoFMSegmenter(build_echofm("tiny", img_size=32, num_frames=8)).eval()
+    items, losses = {}, {}
+    for w in (1.0, 0.5, 0.0):
+        cfg = config("segment", tmp_path / "r", "data.kind=csv", f"data.root={root}", f"data.propagated_weight={w}")
+        items[w] = build_task_data("segment", cfg["data"], 8, 32).train[0]
+        with torch.no_grad():
+            losses[w] = segment.batch_loss(model, task_collate([items[w]]))
+    valid = items[1.0]["mask_valid"]
+    ed, es = torch.nonzero(valid).flatten().tolist()
+    assert items[1.0]["mask_weight"][[ed, es]].tolist() == [1.0, 1.0]
+    assert items[0.5]["mask_weight"][[ed, es]].tolist() == [1.0, 0.5]
+    assert torch.nonzero(items[0.0]["mask_valid"]).flatten().tolist() == [ed]
+    ed_only = {**task_collate([items[1.0]]), "mask_valid": items[0.0]["mask_valid"][None]}
+    with torch.no_grad():
+        torch.testing.assert_close(losses[0.0], segment.batch_loss(model, ed_only))
+        assert losses[1.0] == segment.batch_loss(model, segment.collate([items[1.0]]))
+    assert losses[0.5] != losses[1.0]
+    m = finetune.run(config("segment", tmp_path / "run", "data.kind=csv", f"data.root={root}",
+                            "data.propagated_weight=0"), progress=False)
+    assert m["test"]["n_frames"] == 1                          # the test clip's propagated ES frame is left out
+
+
+def test_propagated_weight_and_mask_sources_are_checked(tmp_path, csv_root):
+    for bad in ("1.5", "-0.1", "yes"):
+        with pytest.raises(ConfigError, match="data.propagated_weight"):
+            config("segment", tmp_path, f"data.propagated_weight={bad}")
+    root = with_sources(tmp_path / "bad", csv_root, "corrected;guessed")
+    with pytest.raises(ValueError, match=r"labels.csv: row 2: unknown mask source\(s\) \['guessed'\]"):
+        finetune.run(config("segment", tmp_path / "r", "data.kind=csv", f"data.root={root}"), progress=False)
+    root = with_sources(tmp_path / "short", csv_root, "corrected")
+    with pytest.raises(ValueError, match="row 2: mask_sources lists 1 source"):
+        finetune.run(config("segment", tmp_path / "r2", "data.kind=csv", f"data.root={root}"), progress=False)
+
+
 def test_unknown_class_name_in_a_label_file_is_named(tmp_path, csv_root, capsys):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -235,7 +287,7 @@ def test_checkpoints_of_another_kind_are_refused_with_file_and_tasks(tmp_path):
     save_pretrained(enc, tmp_path / "encoder")
     with pytest.raises(CheckpointError, match=r"encoder.*encoder-only EchoFM checkpoint"):
         load_task_model(tmp_path / "encoder", task="view")
-    legacy = segment.save_segmenter(EchoFMSegmenter(enc), tmp_path / "legacy")      # the demo's format
+    legacy = write_legacy_segmenter(EchoFMSegmenter(enc), tmp_path / "legacy")      # the retired format
     with pytest.raises(CheckpointError, match=r"legacy.*task 'segment' \(segmenter model\), but task 'view'"):
         load_task_model(legacy, task="view")
     seg = load_task_model(legacy, task="segment")

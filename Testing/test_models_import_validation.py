@@ -19,15 +19,17 @@ from EchoFMEngine.models import build_echofm
 from EchoFMEngine.models.checkpoint import CheckpointError
 from EchoFMEngine.models.heads import EchoFMSegmenter
 from EchoFMEngine.models.registry import ModelStore
-from EchoFMEngine.models.task_checkpoint import load_task_model
-from EchoFMEngine.training.segment import save_segmenter
+from EchoFMEngine.models.task_checkpoint import load_task_model, save_task_model
+from EchoFMEngine.tasks import SEG_LABELS
+from EchoFMEngine.training.finetune import model_description
 
 
 @pytest.fixture(scope="module")
 def seg_file(tmp_path_factory):
     torch.manual_seed(0)
     m = EchoFMSegmenter(build_echofm("tiny"))
-    return save_segmenter(m, tmp_path_factory.mktemp("seg") / "seg") / "model.safetensors"
+    desc = model_description(m, "segment", list(SEG_LABELS), "test")
+    return save_task_model(m, tmp_path_factory.mktemp("seg") / "seg", desc) / "model.safetensors"
 
 
 def rewrite(src, dst, desc_change=None, tensor_change=None):

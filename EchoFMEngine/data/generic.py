@@ -8,7 +8,10 @@ CSV layout (paths relative to the CSV's folder)::
 Classification columns and their class lists are given explicitly (``classes={"view":
 ["A2C", "A4C", ...]}``); numeric targets by ``regression=["ef"]``. Empty cells are
 missing labels (class -1, regression NaN). A mask file holds one label map per entry
-of ``mask_frames`` (source frame indices), or one map when the clip is a still.
+of ``mask_frames`` (source frame indices), or one map when the clip is a still. An optional ``mask_sources``
+column (as the Slicer export writes it) names whose mask each of them is, ``corrected`` / ``propagated`` /
+``model`` (``;``-separated, one per ``mask_frames`` entry); items then carry ``mask_propagated`` [T]
+(True at the clip frames whose mask was propagated), which fine-tuning can weight or exclude.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 
 from EchoFMEngine.data.ar_multiview import resolve_csv
 from EchoFMEngine.data.clips import cine_clip, still_clip
@@ -24,6 +28,21 @@ from EchoFMEngine.data.datasets import EchoDataset
 from EchoFMEngine.data.files import find_cines, hash_split, normalise_split, relative_name
 from EchoFMEngine.data.labels import encode_label, is_missing, parse_float
 from EchoFMEngine.data.masks import check_mask, read_label_image
+
+MASK_SOURCES = ("corrected", "propagated", "model")     # EchoFMSlicerLib.export.FRAME_SOURCES
+
+
+def parse_sources(text: str, n_frames: int, where: str, line: int) -> list[str]:
+    """'corrected;propagated' -> one known source per mask frame (ValueError naming row and value)."""
+    out = [p.strip().lower() for p in str(text).split(";") if p.strip()]
+    bad = sorted(set(out) - set(MASK_SOURCES))
+    if bad:
+        raise ValueError(f"{where}: row {line}: unknown mask source(s) {bad} in mask_sources; "
+                         f"expected {list(MASK_SOURCES)}")
+    if len(out) != n_frames:
+        raise ValueError(f"{where}: row {line}: mask_sources lists {len(out)} source(s) for {n_frames} "
+                         f"mask frame(s); give one per mask_frames entry")
+    return out
 
 
 def parse_frames(text: str, where: str, line: int) -> list[int]:
@@ -45,11 +64,13 @@ class CsvClips(EchoDataset):
 
     def __init__(self, root, split: str = "train", csv_file=None, classes: Optional[dict] = None,
                  regression: Sequence[str] = (), path_column: str = "path", split_column: str = "split",
-                 mask_column: str = "mask_path", mask_frames_column: str = "mask_frames", **options):
+                 mask_column: str = "mask_path", mask_frames_column: str = "mask_frames",
+                 mask_sources_column: str = "mask_sources", **options):
         self.csv_file, self.classes = csv_file, dict(classes or {})
         self.regression = list(regression)
         self.path_column, self.split_column = path_column, split_column
         self.mask_column, self.mask_frames_column = mask_column, mask_frames_column
+        self.mask_sources_column = mask_sources_column
         reserved = {"video", "meta", "masks", "mask_valid", "label"}
         clash = reserved & (set(self.classes) | set(self.regression))
         if clash:
@@ -93,13 +114,17 @@ class CsvClips(EchoDataset):
             if not (self.base / rel).exists():
                 self.skip(rel, f"clip listed in {csv_path.name} row {line} is missing")
                 continue
-            sample = {"rel": rel, "targets": targets, "mask": None, "mask_frames": []}
+            sample = {"rel": rel, "targets": targets, "mask": None, "mask_frames": [], "mask_sources": []}
             if has_masks and not is_missing(row[self.mask_column]):
                 sample["mask"] = row[self.mask_column].strip()
                 if not (self.base / sample["mask"]).exists():
                     raise FileNotFoundError(f"{where}: row {line}: mask file {sample['mask']!r} not found")
                 frames_text = row.get(self.mask_frames_column, "")
                 sample["mask_frames"] = parse_frames(frames_text, where, line) if not is_missing(frames_text) else []
+                sources_text = row.get(self.mask_sources_column, "")
+                if not is_missing(sources_text):
+                    sample["mask_sources"] = parse_sources(sources_text, max(1, len(sample["mask_frames"])), where,
+                                                           line)
             self.samples.append(sample)
 
     def _masks(self, sample, n_frames: int, shape) -> dict[int, np.ndarray]:
@@ -130,6 +155,10 @@ class CsvClips(EchoDataset):
             clip = cine_clip(cine, self.frames, self.size, masks=masks, window=self.window, where=str(path))
         item = {"video": clip.video, "masks": clip.masks, "mask_valid": clip.mask_valid,
                 "meta": {**clip.meta(), "path": sample["rel"]}}
+        if "propagated" in sample["mask_sources"]:
+            frames = sample["mask_frames"] or [0]
+            propagated = {f for f, src in zip(frames, sample["mask_sources"]) if src == "propagated"}
+            item["mask_propagated"] = clip.mask_valid & torch.tensor([int(f) in propagated for f in clip.indices])
         item.update(sample["targets"])
         if len(self.classes) == 1:
             item["label"] = sample["targets"][next(iter(self.classes))]

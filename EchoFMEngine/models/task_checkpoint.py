@@ -11,8 +11,8 @@ without any other configuration::
      "encoder_config": EchoFMConfig dict, "head": {"kind", ...head_config()},
      "metrics": {...held-out numbers} (optional), "trained_on": dataset name, ...}
 
-Segmenters written by ``training.segment.save_segmenter`` (format ``echofm-segmenter-v1``) load
-here too, their description brought to the same keys.
+Segmenters in the retired ``echofm-segmenter-v1`` layout (what the demo wrote before 0.2; nothing
+writes it now) load here too, their description brought to the same keys.
 """
 from __future__ import annotations
 

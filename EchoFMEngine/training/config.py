@@ -87,6 +87,7 @@ FINETUNE_DEFAULTS = {
         "n_test": 8,
         "seed": 0,
         "augment": True,         # the paper's augmentations (segment: affine + erasing; others: flips)
+        "propagated_weight": 1.0,  # segment: loss weight of frames whose mask was propagated (0 = exclude them)
         "num_workers": 0,
     },
     "optim": {
@@ -155,6 +156,7 @@ FINETUNE_TYPES = {
     "data.train_split": Text, "data.val_split": Optional[Text], "data.test_split": Optional[Text],
     "data.val_fraction": Annotated[float, Field(gt=0, lt=1)], "data.label_fraction": Fraction01,
     "data.n_train": NonNeg, "data.n_val": NonNeg, "data.n_test": NonNeg, "data.augment": StrictBool,
+    "data.propagated_weight": Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)],
     "optim.lr": NonNegFloat, "optim.layer_decay": Fraction01,
     "run.eval_batch_size": Count, "run.eval_every": Count, "run.select_metric": Text,
 }

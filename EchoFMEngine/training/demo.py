@@ -4,11 +4,14 @@ segmentation head -> evaluate on held-out phantoms -> report.
 Writes a run folder with the pretrained model (safetensors + JSON), ``metrics.json``, the loss
 curve and the temporal self-similarity of the learned frame embeddings on a held-out phantom
 (the periodicity picture of the paper's Fig. 5), compared with the same model before training;
-then the fine-tuned segmenter (``segment/model``), its held-out scores under ``"segment"`` in
-``metrics.json`` and ``segmentation.png`` (held-out ED/ES frames, true and predicted contours);
-finally the segmenter is imported into a models folder (``models/``) and a held-out phantom
-DICOM study is analysed end to end (``analysis/``, found vs true ED/ES and EF under ``"analysis"``).
-Segmentation settings are overridden with ``segment.KEY=VALUE`` (keys of ``SEGMENT_DEFAULTS``).
+then a segmentation head fine-tuned by the general fine-tuning loop (``segment/``: the task
+checkpoint ``segment/model``, its ``metrics.json`` and ``log.csv``), its held-out scores under
+``"segment"`` in ``metrics.json`` and ``segmentation.png`` (held-out ED/ES frames, true and
+predicted contours); finally the segmenter is imported into a models folder (``models/``) and a
+held-out phantom DICOM study is analysed end to end (``analysis/``, found vs true ED/ES and EF
+under ``"analysis"``). The segmentation run is overridden with ``segment.KEY=VALUE``: KEY is any
+fine-tuning config key (``segment.run.steps=20``, see :data:`SEGMENT_DEFAULTS`) or one of the short
+names in :data:`SEGMENT_ALIASES` (``segment.steps=20``).
 """
 from __future__ import annotations
 
@@ -20,17 +23,31 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import spearmanr
 
+from ..clinical.phantoms import make_study, write_dicom
 from ..configs import shipped
 from ..models import EchoFM, load_pretrained
-from .config import load_config
+from ..models.registry import ModelStore
+from ..models.task_checkpoint import load_task_model
+from . import finetune
+from .config import ConfigError, load_config, parse_override
 from .data import phantom_clip
 from .pretrain import pretrain
+from .segment import STRUCTURES, evaluate_segmentation, predict_items
+from .task_data import SPLIT_SEEDS, phantom_task_items
 
 DEMO_CONFIG = shipped("demo")         # package data, found from a checkout and an installed wheel alike
+# The demo's segmentation run: fine-tuning config keys and values (segment.KEY=VALUE overrides them).
 # Full fine-tuning beat a frozen encoder on held-out Dice at the same budget (docs/segmentation.md).
-SEGMENT_DEFAULTS = {"n_train": 16, "n_test": 6, "steps": 300, "lr": 1.0e-3, "batch_size": 4,
-                    "freeze_encoder": False, "layer_decay": 0.75, "seed": 0}
+SEGMENT_DEFAULTS = {"data.n_train": 16, "data.n_val": 4, "data.n_test": 6, "data.seed": 0, "run.steps": 300,
+                    "optim.lr": 1.0e-3, "run.batch_size": 4, "head.mode": "full", "optim.layer_decay": 0.75,
+                    "optim.warmup_steps": 20, "run.seed": 0, "run.eval_every": 50, "run.log_every": 10,
+                    "run.ckpt_every": 100}
+# Short names the demo has always taken (segment.steps=20) -> the config key they set.
+SEGMENT_ALIASES = {"steps": "run.steps", "n_train": "data.n_train", "n_test": "data.n_test", "lr": "optim.lr",
+                   "batch_size": "run.batch_size", "layer_decay": "optim.layer_decay", "seed": "run.seed",
+                   "freeze_encoder": "head.mode"}
 
 
 def cardiac_phase(frame_times_s: np.ndarray, r_peaks_s: np.ndarray) -> np.ndarray:
@@ -59,8 +76,6 @@ def periodicity_score(model: EchoFM, clips: torch.Tensor, phases: np.ndarray) ->
     Phase similarity of two temporal indices = minus the circular distance of the phases of their
     middle frames; a model that has learned periodicity ranks same-phase pairs as most similar.
     """
-    from scipy.stats import spearmanr
-
     model.eval()
     with torch.no_grad():
         emb = torch.nn.functional.normalize(model.frame_embeddings(clips), dim=-1)
@@ -156,7 +171,6 @@ def plot_segmentation(item: dict, pred: np.ndarray, out_png: Path, scores: dict,
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    from .segment import STRUCTURES
 
     colours = {"lv_endo": "tab:red", "lv_epi": "tab:orange", "la": "tab:cyan"}
     names = {"lv_endo": "LV cavity", "lv_epi": "LV epicardium", "la": "LA"}
@@ -193,43 +207,50 @@ def plot_segmentation(item: dict, pred: np.ndarray, out_png: Path, scores: dict,
     plt.close(fig)
 
 
-def segmentation_demo(encoder: EchoFM, out: Path, settings: dict, progress: bool = True) -> dict:
-    """Fine-tune a segmentation head on phantom ED/ES labels, evaluate on held-out phantoms, save."""
-    from .segment import (evaluate_segmentation, finetune_segmentation, phantom_segmentation_items,
-                          predict_items, save_segmenter)
-
+def segmentation_demo(pretrain_cfg: dict, out: Path, settings: dict, progress: bool = True) -> dict:
+    """Fine-tune a segmentation head on the pretrained encoder with the general fine-tuning loop
+    (phantom ED/ES labels; validation picks the best step), report its held-out scores, plot one clip."""
     t0 = time.perf_counter()
     s = {**SEGMENT_DEFAULTS, **settings}
-    c = encoder.cfg
-    train = phantom_segmentation_items(s["n_train"], c.img_size, c.num_frames, seed=s["seed"] + 100)
-    test = phantom_segmentation_items(s["n_test"], c.img_size, c.num_frames, seed=s["seed"] + 200)
-    model = finetune_segmentation(encoder, train, steps=s["steps"], lr=s["lr"], batch_size=s["batch_size"],
-                                  freeze_encoder=s["freeze_encoder"], seed=s["seed"],
-                                  layer_decay=s["layer_decay"], log_every=50 if progress else 0)
-    train_seconds = time.perf_counter() - t0
-    held_out = evaluate_segmentation(model, test)
+    r = pretrain_cfg["run"]
+    cfg = load_config(None, ["task=segment", f"run.out={out / 'segment'}", f"init_from={out / 'pretrain' / 'model'}",
+                             f"run.device={r['device']}", f"run.amp={r['amp']}",
+                             *[f"{k}={json.dumps(v)}" for k, v in s.items()]])
+    cfg["model"] = dict(pretrain_cfg["model"])           # the encoder just pretrained
+    metrics = finetune.run(cfg, progress=progress)
+    model = load_task_model(out / "segment" / "model", task="segment")
+    c, d = model.cfg, cfg["data"]
+    train = phantom_task_items("segment", d["n_train"], c.img_size, c.num_frames,
+                               seed=10 * d["seed"] + SPLIT_SEEDS["train"])
+    first = phantom_task_items("segment", 1, c.img_size, c.num_frames, seed=10 * d["seed"] + SPLIT_SEEDS["test"])[0]
+    held_out = metrics["test"]
     on_train = evaluate_segmentation(model, train, n_boot=200)
-    save_segmenter(model, out / "segment" / "model", extra={"trained_on": "EchoFM phantoms (demo)",
-                                                            "held_out_mean_dice": held_out["mean_dice"]})
-    first = test[0]
-    plot_segmentation(first, predict_items(model, test[:1])[0].numpy(), out / "segmentation.png",
-                      held_out["structures"], clip=f"clip 1 of {len(test)}: {first['view']}, EF {first['ef']:.0f} %")
-    hist = model.history
-    k = max(1, min(10, len(hist) // 4))
-    return {"settings": s, "mode": "frozen encoder" if s["freeze_encoder"] else "full fine-tuning",
-            "first_loss": float(np.mean(hist[:k])), "final_loss": float(np.mean(hist[-k:])),
+    plot_segmentation(first, predict_items(model, [first])[0].numpy(), out / "segmentation.png",
+                      held_out["structures"], clip=f"clip 1 of {d['n_test']}: {first['view']}, EF {first['ef']:.0f} %")
+    hist = metrics["train_history"]
+    short = {name: _value(cfg, key) for name, key in SEGMENT_ALIASES.items()}
+    short["freeze_encoder"] = cfg["head"]["mode"] == "frozen"
+    return {"settings": {**short, "config": s}, "mode": "frozen encoder" if short["freeze_encoder"] else
+            "full fine-tuning", "first_loss": hist[0]["loss"], "final_loss": hist[-1]["loss"],
+            "best_step": metrics["best_step"], "val_mean_dice": (metrics["val"] or {}).get("mean_dice"),
             "train_mean_dice": on_train["mean_dice"], "held_out": held_out,
-            "checkpoint": str(out / "segment" / "model"), "train_seconds": train_seconds,
+            "checkpoint": str(out / "segment" / "model"), "train_seconds": metrics["train_seconds"],
             "seconds": time.perf_counter() - t0,
-            "note": "Dice on the labelled (ED/ES) frames of held-out phantom clips; CIs bootstrap frames"}
+            "note": "Dice on the labelled (ED/ES) frames of held-out phantom clips; CIs bootstrap frames; "
+                    f"losses are means over the first and the last {cfg['run']['log_every']} steps"}
+
+
+def _value(cfg: dict, key: str):
+    """The value of a dotted config key."""
+    for k in key.split("."):
+        cfg = cfg[k]
+    return cfg
 
 
 def analysis_demo(out: Path, seed: int = 4242) -> dict:
     """Import the fine-tuned segmenter into a models folder, write a held-out phantom DICOM study
     (with its ECG) and analyse it as a clinician would: ED/ES, masks, volumes and EF vs the truth."""
-    from ..analysis import analyze_paths
-    from ..models.registry import ModelStore
-    from ..clinical.phantoms import make_study, write_dicom
+    from ..analysis import analyze_paths    # deferred on purpose: analysis sits above training (upward edge)
 
     t0 = time.perf_counter()
     store = ModelStore(out / "models")
@@ -253,18 +274,22 @@ def analysis_demo(out: Path, seed: int = 4242) -> dict:
 
 
 def _split_overrides(overrides) -> tuple[list[str], dict]:
-    """``segment.KEY=VALUE`` overrides (parsed as YAML scalars) apart from the config ones."""
-    import yaml
-
+    """``segment.KEY=VALUE`` overrides of the segmentation run (KEY a fine-tuning config key or a
+    short name of :data:`SEGMENT_ALIASES`; values parsed as YAML) apart from the pretraining ones.
+    Unknown fine-tuning keys are refused by the config check, naming the closest known one."""
     rest, seg = [], {}
     for text in overrides:
-        if text.startswith("segment."):
-            key, _, value = text[len("segment."):].partition("=")
-            if key not in SEGMENT_DEFAULTS:
-                raise KeyError(f"unknown segment setting {key!r}; choose from {sorted(SEGMENT_DEFAULTS)}")
-            seg[key] = yaml.safe_load(value)
-        else:
+        if not text.startswith("segment."):
             rest.append(text)
+            continue
+        keys, value = parse_override(text[len("segment."):])
+        key = ".".join(keys)
+        if key == "freeze_encoder":
+            value = "frozen" if value else "full"
+        if "." not in key and key not in SEGMENT_ALIASES:
+            raise ConfigError(f"unknown segment setting {key!r}; give a fine-tuning config key "
+                              f"(segment.run.steps=20) or one of {sorted(SEGMENT_ALIASES)}")
+        seg[SEGMENT_ALIASES.get(key, key)] = value
     return rest, seg
 
 
@@ -295,7 +320,7 @@ def run_demo(out: Path, overrides: list[str] = (), progress: bool = True) -> dic
                                          "similarity on 4 held-out phantom clips (2 cycles each)"},
         "checkpoint": str(out / "pretrain" / "model"),
     }
-    metrics["segment"] = segmentation_demo(model, out, seg_settings, progress=progress)
+    metrics["segment"] = segmentation_demo(cfg, out, seg_settings, progress=progress)
     metrics["analysis"] = analysis_demo(out)
     metrics["seconds"] = time.perf_counter() - t0
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -306,12 +331,13 @@ def cli(argv) -> int:
     ap = argparse.ArgumentParser(prog="python train.py demo", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="example (a quick look, about a minute):\n  python train.py demo --out "
-                                        "runs/demo_quick run.steps=5 segment.steps=5")
+                                        "runs/demo_quick run.steps=5 segment.run.steps=5")
     ap.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="overrides of Resources/configs/demo.yaml (run.steps=50) and of the segmentation "
-                         f"step (segment.KEY=VALUE, KEY one of {', '.join(SEGMENT_DEFAULTS)})")
+                         f"run (segment.KEY=VALUE: KEY a fine-tuning config key, e.g. segment.run.steps=50, or "
+                         f"one of {', '.join(SEGMENT_ALIASES)})")
     a = ap.parse_intermixed_args(argv)
     metrics = run_demo(Path(a.out), a.overrides, progress=not a.no_progress)
     print(json.dumps(metrics, indent=2))

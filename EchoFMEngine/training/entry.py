@@ -9,6 +9,7 @@ import sys
 
 from ..configs import CONFIG_DIR
 from .config import FINETUNE_TASKS, ConfigError, read_yaml
+from .loop import run_parser
 
 LOOPS = {"pretrain": "EchoFMEngine.training.pretrain",
          **{task: "EchoFMEngine.training.finetune" for task in FINETUNE_TASKS}}
@@ -43,21 +44,17 @@ def _config_list() -> str:
 
 def train_parser() -> argparse.ArgumentParser:
     """The parser behind `python train.py --help` (dispatch itself reads only --config)."""
-    ap = argparse.ArgumentParser(
-        prog="python train.py", usage="python train.py [demo [DEMO OPTIONS] | --config FILE [--resume] "
-                                      "[--no-progress] [key=value ...]]",
-        description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="configs:\n" + _config_list() + "\n\nexamples:\n"
+    return run_parser(
+        "python train.py", TRAIN_DESCRIPTION,
+        "configs:\n" + _config_list() + "\n\nexamples:\n"
                "  python train.py --config Resources/configs/demo.yaml run.steps=5 run.out=runs/quick\n"
                "  python train.py --config finetune_view run.steps=5 run.out=runs/view\n"
                "  torchrun --nproc_per_node=8 train.py --config Resources/configs/pretrain_vitl_paper.yaml "
                "data.root=CACHE\n"
-               "  Slicer --no-main-window --python-script train.py --config Resources/configs/demo.yaml")
-    ap.add_argument("--config", metavar="FILE", help="YAML config; its task: key chooses pretraining or fine-tuning")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr)")
-    ap.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. run.steps=50")
-    return ap
+               "  Slicer --no-main-window --python-script train.py --config Resources/configs/demo.yaml",
+        "YAML config; its task: key chooses pretraining or fine-tuning", "config overrides, e.g. run.steps=50",
+        progress_help="no progress bars (they go to stderr)",
+        usage="python train.py [demo [DEMO OPTIONS] | --config FILE [--resume] [--no-progress] [key=value ...]]")
 
 
 def cli(argv: list[str]) -> int:

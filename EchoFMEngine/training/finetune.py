@@ -12,34 +12,36 @@ validation every ``run.eval_every`` steps with the best model kept, then the hel
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
+import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from ..atomic import LockedError
 from ..configs import CONFIG_DIR
+from ..data.augment import classification_augment, segmentation_augment
 from ..data.labels import AR_VIEWS
+from ..models import make_config
 from ..models.checkpoint import CheckpointError
-from ..models.heads import EncoderModel, build_new_task_model
-from ..models.task_checkpoint import check_task, read_task_description, save_task_model
+from ..models.heads import ENCODER_UNUSED, EncoderModel, build_new_task_model
+from ..models.task_checkpoint import check_task, load_task_model, read_task_description, save_task_model
 from ..runtime import distributed
-from . import checkpointing
+from ..tasks import structures_for
 from .config import FINETUNE_TASKS, ConfigError, dump_config, load_config
 from .data import StepBatchSampler, item_seed
 from .layer_decay import param_groups
+from .loop import (LossGuard, RunLog, apply_update, precision, progress_bar, resume_state, run_cli, run_parser,
+                   save_state, training_run)
 from .optim import build_scheduler
-from .pretrain import NonFiniteLoss, RunLog, _amp
 from .pretrain import build_model as build_encoder
-from .task_data import PROXY_NOTES, TaskData, build_task_data, phantom_task_items  # noqa: F401 (public here)
+from .task_data import (PROXY_NOTES, TaskData, build_task_data, items_task_data,  # noqa: F401 (public here)
+                        phantom_task_items)
 from .task_eval import collate, evaluate_task, is_better, select_metric, task_loss
 
 MODES = ("full", "frozen")
@@ -63,29 +65,27 @@ def _frozen(cfg: dict) -> bool:
     return mode == "frozen"
 
 
-def build_task_model(cfg: dict, data: TaskData) -> EncoderModel:
+def build_task_model(cfg: dict, data: TaskData, encoder=None) -> EncoderModel:
     """The task model of ``cfg`` for ``data``: a new head on the (initialised) encoder, or a task
-    checkpoint of the same task given as ``init_from`` to fine-tune further."""
+    checkpoint of the same task given as ``init_from`` to fine-tune further. ``encoder``: an EchoFM
+    to put the head on instead of the one ``cfg`` describes (it becomes part of the model)."""
     task, h = cfg["task"], cfg["head"]
     frozen = _frozen(cfg)
     torch.manual_seed(int(cfg["run"]["seed"]))
     init = cfg.get("init_from")
     if init and is_task_checkpoint(init):
-        from ..models.task_checkpoint import load_task_model
-
         model = load_task_model(init, task=task)
         labels = model.description["labels"]
         if list(labels) != list(data.labels):
             raise CheckpointError(f"{init}: the checkpoint's labels {labels} differ from the data's {data.labels}")
         return model.set_frozen(frozen).train()
-    return build_new_task_model(build_encoder(cfg), task, len(data.labels), h, frozen, data.target_stats)
+    encoder = build_encoder(cfg) if encoder is None else encoder
+    return build_new_task_model(encoder, task, len(data.labels), h, frozen, data.target_stats)
 
 
 def model_input(cfg: dict) -> tuple[int, int, bool]:
     """(clip frames, size, per-frame segmenter?) of the run: from ``model`` and ``data.frames``, or
     from the description of a task checkpoint given as ``init_from`` (its shape wins)."""
-    from ..models import make_config
-
     task, init = cfg["task"], cfg.get("init_from")
     if init and is_task_checkpoint(init):
         desc = read_task_description(init)
@@ -114,22 +114,39 @@ def _scalars(m: Optional[dict]) -> Optional[dict]:
     return json_safe(out)
 
 
-def describe(cfg: dict, data: TaskData, model: EncoderModel, val: dict, test: Optional[dict], best_step: int) -> dict:
-    """The checkpoint description (contract C) of a finished run."""
-    from .segment import structures_for
-
-    task = cfg["task"]
+def model_description(model: EncoderModel, task: str, labels: Sequence[str], trained_on: str,
+                      frames_policy: str = "cycle", frames: Optional[int] = None) -> dict:
+    """What a task checkpoint says about ``model`` itself (contract C's required keys and the task's
+    own ones), for :func:`~EchoFMEngine.models.task_checkpoint.save_task_model`; ``frames``: the clip
+    length it was trained on (default the encoder's)."""
     kind = model.head_config()["kind"]
     layout = {"multiview": "[B, V, C, T, H, W] + view_mask [B, V] (views in the order of 'views')",
               "frame_segmenter": "[B, C, T, H, W], any T (each frame is segmented on its own)"}.get(kind,
                                                                                                   "[B, C, T, H, W]")
+    frames, size = int(frames or model.cfg.num_frames), int(model.cfg.img_size)
     desc = {
-        "task": task, "labels": list(data.labels),
-        "input": {"frames": data.frames, "height": data.size, "width": data.size, "channels": 3,
+        "task": task, "labels": list(labels),
+        "input": {"frames": frames, "height": size, "width": size, "channels": 3,
                   "value_range": [0.0, 1.0], "layout": layout, "any_frames": kind == "frame_segmenter"},
-        "preprocessing": {"sector_crop": True, "size": data.size, "frames_policy": data.frames_policy,
-                          "clip_frames": data.frames, "color": "rgb"},
-        "trained_on": data.trained_on,
+        "preprocessing": {"sector_crop": True, "size": size, "frames_policy": frames_policy,
+                          "clip_frames": frames, "color": "rgb"},
+        "trained_on": trained_on,
+    }
+    if task == "segment":
+        desc["structures"] = {k: list(v) for k, v in structures_for(len(labels)).items()}
+    if task == "ef":
+        desc["unit"] = "%"
+    if task == "ar":
+        desc["views"] = list(AR_VIEWS)
+        desc["outputs"] = {"predict_proba": list(labels), "predict": "severity score, 0-4 (grade units)"}
+    return desc
+
+
+def describe(cfg: dict, data: TaskData, model: EncoderModel, val: dict, test: Optional[dict], best_step: int) -> dict:
+    """The checkpoint description (contract C) of a finished run."""
+    task = cfg["task"]
+    desc = {
+        **model_description(model, task, data.labels, data.trained_on, data.frames_policy, data.frames),
         "metrics": {"val": _scalars(val), "test": _scalars(test)},
         "training": {"mode": cfg["head"]["mode"], "steps": int(cfg["run"]["steps"]), "best_step": best_step,
                      "select_metric": select_metric(task, cfg["run"]["select_metric"])[0],
@@ -138,13 +155,6 @@ def describe(cfg: dict, data: TaskData, model: EncoderModel, val: dict, test: Op
                      "seed": int(cfg["run"]["seed"])},
         "notes": list(data.notes),
     }
-    if task == "segment":
-        desc["structures"] = {k: list(v) for k, v in structures_for(len(data.labels)).items()}
-    if task == "ef":
-        desc["unit"] = "%"
-    if task == "ar":
-        desc["views"] = list(AR_VIEWS)
-        desc["outputs"] = {"predict_proba": list(data.labels), "predict": "severity score, 0-4 (grade units)"}
     if data.trained_on == "phantom" and task in PROXY_NOTES:
         desc["label_source"] = PROXY_NOTES[task]
     return desc
@@ -168,8 +178,6 @@ def augment(task: str, item: dict, seed: int, step: int) -> dict:
     """The paper's augmentation of one training item, drawn from a seed of (run, step, item) so a
     resumed run repeats it exactly: segmentation rotation/translation/scale/erasing (masks follow),
     other tasks horizontal flips."""
-    from ..data.augment import classification_augment, segmentation_augment
-
     g = torch.Generator().manual_seed(item_seed(seed, step, int(item["index"])))
     if task == "segment":
         return {**item, **segmentation_augment(g, erase_p=0.25)({"video": item["video"], "masks": item["masks"]})}
@@ -179,8 +187,6 @@ def augment(task: str, item: dict, seed: int, step: int) -> dict:
 # ------------------------------------------------------------------ the loop
 def _trainable_keys(model: EncoderModel) -> list[str]:
     """State keys that training can change (frozen: the head only)."""
-    from ..models.heads import ENCODER_UNUSED
-
     skip = tuple(f"encoder.{u}" for u in ENCODER_UNUSED)
     return [k for k in model.state_dict() if not k.startswith(skip)
             and not (model.freeze_encoder and k.startswith("encoder."))]
@@ -193,80 +199,111 @@ def run(cfg: dict, resume: bool = False, progress: bool = True,
     task = cfg.get("task")
     if task not in FINETUNE_TASKS:
         raise ConfigError(f"task {task!r} is not a fine-tuning task {list(FINETUNE_TASKS)}")
-    info = distributed.setup(cfg["run"]["device"])
-    lock = None
-    try:
-        refused = None
-        if info.is_main:
-            try:
-                lock = checkpointing.run_lock(cfg["run"]["out"], "fine-tuning")
-            except LockedError as e:
-                refused = str(e)
-        refused = distributed.broadcast_object(refused, info)
-        if refused is not None:
-            raise LockedError(refused)
+    with training_run(cfg["run"]["device"], cfg["run"]["out"], "fine-tuning") as info:
         return _run(cfg, info, resume, progress, on_step)
-    finally:
-        if lock is not None:
-            lock.release()
-        distributed.cleanup()
+
+
+def fit(encoder, task: str, train_items: Sequence[dict], overrides: Sequence[str] = (),
+        val_items: Optional[Sequence[dict]] = None, progress: bool = False) -> EncoderModel:
+    """Fine-tune a new ``task`` head on a copy of ``encoder`` (the argument is not modified) with the
+    loop :func:`run` uses, on items held in memory (the dataset layer's keys), without a run folder.
+
+    ``overrides`` are fine-tuning config ``key=value`` strings (``run.steps=300``, ``optim.lr=1e-3``,
+    ``head.mode=frozen``, ``data.augment=false``); with ``val_items`` the best validated model is
+    returned, else the last. The logged losses are kept in ``model.history``."""
+    cfg = load_config(None, [f"task={task}", *overrides])
+    data = items_task_data(task, cfg["data"], train_items, val_items)
+    info = distributed.setup(cfg["run"]["device"])
+    model = build_task_model(cfg, data, encoder=copy.deepcopy(encoder)).to(info.device)
+    result = train(cfg, data, model, info, out=None, progress=progress)
+    model.history = [row["loss"] for row in result["history"]]
+    return model.eval()
 
 
 def _run(cfg: dict, info: distributed.DistInfo, resume: bool = False, progress: bool = True,
          on_step: Optional[Callable[[int], None]] = None) -> dict:
     """Fine-tune ``cfg['task']`` as ``cfg`` says (the loaded config dict); returns the final metrics
     (also ``<run.out>/metrics.json``). ``resume`` continues from the newest checkpoint in
-    ``run.out``; ``on_step(step)`` is called after every step (tests use it to interrupt a run).
-
-    Under torchrun ``run.batch_size`` stays the global batch: each of N ranks takes its 1/N of the
-    very batch one process would take (DDP averages the gradients), so 1 and N processes follow
-    the same trajectory; validation and test cover the whole split; only rank 0 writes."""
+    ``run.out``; ``on_step(step)`` is called after every step (tests use it to interrupt a run)."""
     task = cfg["task"]
     t_start = time.perf_counter()
-    r, o, d = cfg["run"], cfg["optim"], cfg["data"]
+    r, d = cfg["run"], cfg["data"]
     out = Path(r["out"])
-    device = info.device
     main = info.is_main
-    distributed.enable_fast_math(device)
+    distributed.enable_fast_math(info.device)
     frames, size, frame_model = model_input(cfg)
     _frozen(cfg)
     data = build_task_data(task, d, frames, size, frame_model)
-    model = build_task_model(cfg, data).to(device)
+    model = build_task_model(cfg, data).to(info.device)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
+    result = train(cfg, data, model, info, out, resume, progress, on_step)
+    best, autocast = result["best"], result["precision"].autocast
+    test = None
+    if data.test is not None and len(data.test):
+        test = evaluate_task(model, task, data.test, int(r["eval_batch_size"]), info.device, autocast,
+                             n_boot=1000 if task == "segment" else 0, seed=int(r["seed"]), info=info, main_only=True)
+        test = distributed.broadcast_object(json_safe(test), info)
+    desc = describe(cfg, data, model, best["metrics"], test, int(best["step"]))
+    if main:
+        save_task_model(model, out / "model", desc)
+    metrics = json_safe({
+        "task": task, "labels": list(data.labels), "mode": cfg["head"]["mode"], "trained_on": data.trained_on,
+        "select_metric": result["metric"], "best_step": int(best["step"]), "val": best["metrics"], "test": test,
+        "n_train": len(data.train), "n_train_available": data.n_train_available, "n_val": len(data.val),
+        "n_test": len(data.test) if data.test is not None else 0,
+        "label_fraction": float(d["label_fraction"]), "steps": int(r["steps"]), "resumed_from": result["start"],
+        "train_history": result["history"], "val_history": result["val_history"], "notes": data.notes,
+        "train_seconds": result["train_seconds"], "seconds": time.perf_counter() - t_start,
+        "device": str(info.device), "amp": str(result["precision"].dtype), "checkpoint": "model",
+        "world_size": info.world_size,
+    })
+    if main:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    distributed.barrier(info)
+    return metrics
 
+
+def train(cfg: dict, data: TaskData, model: EncoderModel, info: distributed.DistInfo, out: Optional[Path] = None,
+          resume: bool = False, progress: bool = True, on_step: Optional[Callable[[int], None]] = None) -> dict:
+    """The fine-tuning loop of every task: train ``model`` on ``data.train`` for ``run.steps`` steps,
+    validate on ``data.val`` every ``run.eval_every`` steps keeping the best model, and leave
+    ``model`` holding the best weights (the last ones without validation data), in eval mode.
+
+    ``out`` holds the checkpoints (every ``run.ckpt_every`` steps; ``resume`` continues from the
+    newest) and ``log.csv``; None: nothing is written. Under torchrun ``run.batch_size`` stays the
+    global batch: each of N ranks takes its 1/N of the very batch one process would take (DDP
+    averages the gradients), so 1 and N processes follow the same trajectory; validation covers the
+    whole split. Returns ``best``, ``history``, ``val_history``, ``start``, ``metric``,
+    ``train_seconds`` and the ``precision`` used."""
+    task = cfg["task"]
+    r, o, d = cfg["run"], cfg["optim"], cfg["data"]
+    device, main = info.device, info.is_main
     steps, seed = int(r["steps"]), int(r["seed"])
     optimizer = torch.optim.AdamW(param_groups(model, float(o["lr"]), float(o["weight_decay"]),
                                                float(o["layer_decay"])), betas=tuple(o["betas"]),
                                   **({"fused": True} if device.type == "cuda" else {}))
     scheduler = build_scheduler(optimizer, steps, o)
-    amp = _amp(r["amp"], device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    autocast = torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext()
+    prec = precision(r["amp"], device)
+    autocast = prec.autocast
     metric, higher = select_metric(task, r["select_metric"])
     keys = _trainable_keys(model)
+    has_val = data.val is not None and len(data.val) > 0
 
     def snapshot() -> dict:
         sd = model.state_dict()
         return {k: sd[k].detach().cpu().clone() for k in keys}
 
+    modules = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": prec.scaler}
     start, history, val_history = 0, [], []
     best = {"step": 0, "score": None, "metrics": None, "state": None}
-    if resume:
-        state = checkpointing.load_latest(out, map_location="cpu")
-        if state is not None:
-            if state.get("task") != task:
-                raise CheckpointError(f"{state['path']}: a {state.get('task')!r} run; this config is task {task!r}")
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            distributed.restore_rng_state(state["rng"], info)
-            start, history, val_history, best = int(state["step"]), state["history"], state["val_history"], \
-                state["best"]
-            if progress and main:
-                print(f"resuming from {state['path']} at step {start}")
+    state = resume_state(out, info, modules, announce=progress) if resume and out is not None else None
+    if state is not None:
+        if state.get("task") != task:
+            raise CheckpointError(f"{state['path']}: a {state.get('task')!r} run; this config is task {task!r}")
+        start, history, val_history, best = int(state["step"]), state["history"], state["val_history"], \
+            state["best"]
     log = RunLog(out, main, r["tensorboard"])
     log.truncate_after(start)
 
@@ -281,12 +318,12 @@ def _run(cfg: dict, info: distributed.DistInfo, resume: bool = False, progress: 
     batches = iter(loader)
     forward = model
     if info.enabled:
-        from torch.nn.parallel import DistributedDataParallel as DDP
         forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=True)     # heads leave some encoder tensors unused
+    guard = LossGuard(out, info, "lower optim.lr or use run.amp=fp32")
 
     def validate(step: int) -> None:
-        check_finite()
+        guard.check()
         m = evaluate_task(model, task, data.val, int(r["eval_batch_size"]), device, autocast, info=info)
         if metric not in m:
             names = sorted(k for k, v in m.items() if isinstance(v, (int, float)))
@@ -300,31 +337,13 @@ def _run(cfg: dict, info: distributed.DistInfo, resume: bool = False, progress: 
                   flush=True)
 
     def save(step: int) -> None:
-        check_finite()                          # never checkpoint weights that saw a non-finite loss
-        rngs = distributed.gather_rng_states(info)
-        if main:
-            checkpointing.save_checkpoint(out, step, {
-                "task": task, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "rng": rngs, "history": history, "val_history": val_history, "best": best,
-                "config": json.dumps(cfg), "world_size": info.world_size}, keep_last=int(r["keep_last"]))
-        distributed.barrier(info)
+        guard.check()                           # never checkpoint weights that saw a non-finite loss
+        save_state(out, step, info, {**{k: v.state_dict() for k, v in modules.items()}, "task": task,
+                                     "history": history, "val_history": val_history, "best": best,
+                                     "config": json.dumps(cfg), "world_size": info.world_size},
+                   keep_last=int(r["keep_last"]))
 
-    pending: list = []            # (step, loss) not yet checked: one host sync per log, not per step
-
-    def check_finite() -> None:
-        """Stop (on every rank) at the first non-finite loss since the last check."""
-        ok, i = distributed.all_finite([v for _, v in pending], info)
-        if not ok:
-            last = checkpointing.list_checkpoints(out)
-            raise NonFiniteLoss(f"non-finite loss at step {pending[i][0]}; stopping. Last good checkpoint: "
-                                f"{last[-1] if last else 'none'} (lower optim.lr or use run.amp=fp32)")
-        pending.clear()
-
-    bar = None
-    if progress and main and start < steps:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, initial=start, desc=f"finetune {task}", dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(progress and main, steps, start, f"finetune {task}")
     aug = bool(d["augment"])
     model.train()
     t_train, window = time.perf_counter(), []
@@ -350,21 +369,16 @@ def _run(cfg: dict, info: distributed.DistInfo, resume: bool = False, progress: 
                 with autocast:
                     loss = forward(batch["video"], frames=valid).float().sum() * 0.0
         if loss is not None:
-            pending.append((step + 1, loss.detach()))
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            if o["clip_grad"]:
-                torch.nn.utils.clip_grad_norm_(trainable, float(o["clip_grad"]))
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            guard.add(step + 1, loss)
+            prec.scaler.scale(loss).backward()
+            apply_update(prec, optimizer, trainable, o["clip_grad"])
             window.append(loss.detach().float())
         scheduler.step_update(step + 1)
 
     for step in range(start, steps):
         train_step(step)
         if (step + 1) % int(r["log_every"]) == 0 or step + 1 == steps:
-            check_finite()
+            guard.check()
             mean = torch.stack(window).mean() if window else torch.tensor(math.nan, device=device)
             row = {"step": step + 1, "loss": float(distributed.all_reduce_mean(mean, info)),
                    "lr": optimizer.param_groups[-1]["lr"]}
@@ -373,9 +387,9 @@ def _run(cfg: dict, info: distributed.DistInfo, resume: bool = False, progress: 
             window = []
             if bar is not None:
                 bar.set_postfix(loss=f"{row['loss']:.4g}")
-        if (step + 1) % int(r["eval_every"]) == 0 or step + 1 == steps:
+        if has_val and ((step + 1) % int(r["eval_every"]) == 0 or step + 1 == steps):
             validate(step + 1)
-        if (step + 1) % int(r["ckpt_every"]) == 0 and step + 1 < steps:
+        if out is not None and (step + 1) % int(r["ckpt_every"]) == 0 and step + 1 < steps:
             save(step + 1)
         if bar is not None:
             bar.update(1)
@@ -383,51 +397,30 @@ def _run(cfg: dict, info: distributed.DistInfo, resume: bool = False, progress: 
             on_step(step + 1)
     if bar is not None:
         bar.close()
-    check_finite()
+    guard.check()
     train_seconds = time.perf_counter() - t_train
-    if best["state"] is None:                 # resumed after the last step, or steps == 0
+    if has_val and best["state"] is None:          # resumed after the last step, or steps == 0
         validate(steps)
-    model.load_state_dict(best["state"], strict=False)
+    if best["state"] is not None:
+        model.load_state_dict(best["state"], strict=False)
+    else:                                          # no validation data: the last weights
+        best.update(step=steps)
     model.eval()
-    test = None
-    if data.test is not None and len(data.test):
-        test = evaluate_task(model, task, data.test, int(r["eval_batch_size"]), device, autocast,
-                             n_boot=1000 if task == "segment" else 0, seed=seed, info=info, main_only=True)
-        test = distributed.broadcast_object(json_safe(test), info)
-    desc = describe(cfg, data, model, best["metrics"], test, int(best["step"]))
-    if main:
-        save_task_model(model, out / "model", desc)
-    metrics = json_safe({
-        "task": task, "labels": list(data.labels), "mode": cfg["head"]["mode"], "trained_on": data.trained_on,
-        "select_metric": metric, "best_step": int(best["step"]), "val": best["metrics"], "test": test,
-        "n_train": len(data.train), "n_train_available": data.n_train_available, "n_val": len(data.val),
-        "n_test": len(data.test) if data.test is not None else 0,
-        "label_fraction": float(d["label_fraction"]), "steps": steps, "resumed_from": start,
-        "train_history": history, "val_history": val_history, "notes": data.notes,
-        "train_seconds": train_seconds, "seconds": time.perf_counter() - t_start,
-        "device": str(device), "amp": str(amp), "checkpoint": "model", "world_size": info.world_size,
-    })
-    if main:
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    distributed.barrier(info)
-    return metrics
+    return {"best": best, "history": history, "val_history": val_history, "start": start, "metric": metric,
+            "train_seconds": train_seconds, "precision": prec}
 
 
 # ------------------------------------------------------------------ command line
-def parse_args(argv) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m EchoFMEngine finetune", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Fine-tune a downstream task from a config: the config's task: key is view, segment, as, ar "
-                    "or ef; init_from: names the pretrained encoder (or a task checkpoint to continue). Writes "
-                    "run.out/model (the task checkpoint for `evaluate` and `models import`) and metrics.json. "
-                    "Same as python train.py --config.",
-        epilog="example:\n  python -m EchoFMEngine finetune --config Resources/configs/finetune_view.yaml "
-               "run.steps=5 run.out=runs/view_quick")
-    ap.add_argument("--config", default=None, help="YAML config (Resources/configs/finetune_*.yaml; default: "
-                                                   "the view task on phantoms)")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=50 head.mode=frozen")
+def parse_args(argv):
+    ap = run_parser(
+        "python -m EchoFMEngine finetune",
+        "Fine-tune a downstream task from a config: the config's task: key is view, segment, as, ar or ef; "
+        "init_from: names the pretrained encoder (or a task checkpoint to continue). Writes run.out/model (the "
+        "task checkpoint for `evaluate` and `models import`) and metrics.json. Same as python train.py --config.",
+        "example:\n  python -m EchoFMEngine finetune --config Resources/configs/finetune_view.yaml run.steps=5 "
+        "run.out=runs/view_quick",
+        "YAML config (Resources/configs/finetune_*.yaml; default: the view task on phantoms)",
+        "key=value overrides, e.g. run.steps=50 head.mode=frozen")
     return ap.parse_intermixed_args(argv)   # overrides before or after the flags
 
 
@@ -441,21 +434,11 @@ def summary_line(metrics: dict) -> dict:
     return out
 
 
-def cli(argv) -> int:
-    a = parse_args(argv)
-    try:
-        cfg = load_config(a.config, a.overrides)
-        metrics = run(cfg, resume=a.resume, progress=not a.no_progress)
-    except LockedError as e:     # exit 2: usage error, nothing ran
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
-    except (KeyError, ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {msg}", file=sys.stderr)
-        return 1
+def _report(cfg: dict, metrics: dict) -> None:
     print(json.dumps(summary_line(metrics)))
     print(f"model: {Path(cfg['run']['out']) / 'model'}; metrics: {Path(cfg['run']['out']) / 'metrics.json'}")
-    return 0
+
+
+def cli(argv) -> int:
+    """`python -m EchoFMEngine finetune`: exit 0 done, 1 run error, 2 bad config or a busy run folder."""
+    return run_cli(parse_args(argv), run, _report)

@@ -6,31 +6,26 @@
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from ..data import build_dataset as build_named
+from ..data.cache import ClipCache
 from ..models import EchoFM, build_echofm, save_pretrained
-from ..models.checkpoint import CheckpointError, init_from_checkpoint
+from ..models.checkpoint import init_from_checkpoint
 from ..runtime import distributed
 from . import checkpointing
-from ..atomic import LockedError
-from .config import ConfigError, dump_config, load_config
+from .config import dump_config
 from .data import Indexed, PhantomClips, StepBatchSampler, item_seed
+from .loop import (LossGuard, NonFiniteLoss, RunLog, apply_update, precision, progress_bar,  # noqa: F401
+                   resume_state, run_cli, run_parser, save_state, training_run)
 from .optim import build_optimizer, build_scheduler
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or Inf; the run stops and keeps its last good checkpoint."""
 
 
 def build_model(cfg: dict) -> EchoFM:
@@ -51,10 +46,8 @@ def build_dataset(cfg: dict, model_cfg) -> torch.utils.data.Dataset:
     if kind == "phantom":
         ds = PhantomClips(d["n_studies"], model_cfg.num_frames, model_cfg.img_size, seed=d["seed"])
     elif kind == "cache":
-        from ..data.cache import ClipCache
         ds = Indexed(ClipCache(d["root"], uint8=True))     # uint8 to the device, scaled there
     elif kind == "folder":
-        from ..data import build_dataset as build_named
         ds = Indexed(build_named("folder", d["root"], frames=model_cfg.num_frames, size=model_cfg.img_size))
     else:
         raise ValueError(f"data.kind must be phantom, cache or folder, got {kind!r}")
@@ -66,65 +59,10 @@ def build_dataset(cfg: dict, model_cfg) -> torch.utils.data.Dataset:
     return ds
 
 
-def _amp(name: str, device: torch.device) -> Optional[torch.dtype]:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
-class RunLog:
-    """CSV log of every logged step, plus TensorBoard when it is installed (main process only)."""
-
-    def __init__(self, out: Path, enabled: bool, tensorboard: bool):
-        self.path = out / "log.csv"
-        self.enabled = enabled
-        self.writer, self.tb = None, None
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(out / "tensorboard"))
-            except ImportError:
-                pass
-
-    def write(self, row: dict):
-        if not self.enabled:
-            return
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
-        if self.tb:
-            for k, v in row.items():
-                if k != "step":
-                    self.tb.add_scalar(k, v, row["step"])
-
-    def truncate_after(self, step: int):
-        """Drop rows beyond ``step`` (written by a run that was killed after its last checkpoint)."""
-        if not (self.enabled and self.path.exists()):
-            return
-        rows = list(csv.DictReader(open(self.path)))
-        keep = [r for r in rows if int(r["step"]) <= step]
-        if len(keep) != len(rows):
-            with open(self.path, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                w.writeheader()
-                w.writerows(keep)
-
-
 def pretrain(cfg: dict, resume: bool = False, progress: bool = True) -> dict:
     """Run (or continue) pretraining as ``cfg`` says; returns a summary (also ``summary.json``)."""
-    run = cfg["run"]
-    info = distributed.setup(run["device"])
-    lock = None
-    try:
-        lock = checkpointing.run_lock(run["out"], "pretraining") if info.is_main else None
+    with training_run(cfg["run"]["device"], cfg["run"]["out"], "pretraining") as info:
         return _pretrain(cfg, info, resume, progress)
-    finally:
-        if lock is not None:
-            lock.release()
-        distributed.cleanup()
 
 
 def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
@@ -146,21 +84,10 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
     optimizer = build_optimizer(model, ocfg, global_batch, skip=model.no_weight_decay(),
                                 fused=device.type == "cuda")
     scheduler = build_scheduler(optimizer, steps, ocfg)
-    amp = _amp(run["amp"], device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-
-    start = 0
-    if resume:
-        state = checkpointing.load_latest(out, map_location="cpu")
-        if state is not None:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            distributed.restore_rng_state(state["rng"], info)
-            start = int(state["step"])
-            if info.is_main:
-                print(f"resuming from {state['path']} at step {start}")
+    prec = precision(run["amp"], device)
+    modules = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "scaler": prec.scaler}
+    state = resume_state(out, info, modules) if resume else None
+    start = int(state["step"]) if state is not None else 0
     log = RunLog(out, info.is_main, run["tensorboard"])
     log.truncate_after(start)
 
@@ -172,38 +99,16 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg["data"]["num_workers"],
                         pin_memory=device.type == "cuda", persistent_workers=cfg["data"]["num_workers"] > 0)
     batches = iter(loader)
-    autocast = (torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext())
 
     def save(step: int):
-        rngs = distributed.gather_rng_states(info)
-        if info.is_main:
-            checkpointing.save_checkpoint(out, step, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                "rng": rngs, "config": json.dumps(cfg), "global_batch": global_batch,
-            }, keep_last=run["keep_last"])
-        distributed.barrier(info)
+        save_state(out, step, info, {**{k: m.state_dict() for k, m in modules.items()}, "config": json.dumps(cfg),
+                                     "global_batch": global_batch}, keep_last=run["keep_last"])
 
-    bar = None
-    if progress and info.is_main:
-        from tqdm import tqdm
-        bar = tqdm(total=steps, initial=start, desc="pretrain", dynamic_ncols=True, file=sys.stderr)
+    bar = progress_bar(progress and info.is_main, steps, start, "pretrain")
     model.train()
     history, t_start, clips_seen = [], time.perf_counter(), 0
-    pending: list = []            # (step, loss) not yet checked: checking every step would stall the GPU
-
-    def check_finite():
-        """Stop on the first non-finite loss since the last check (one host sync per check)."""
-        if not pending:
-            return
-        losses = torch.stack([v for _, v in pending])
-        if not bool(torch.isfinite(losses).all()):
-            bad = pending[int((~torch.isfinite(losses)).nonzero()[0])][0]
-            last = checkpointing.list_checkpoints(out)
-            raise NonFiniteLoss(
-                f"non-finite loss at step {bad}; stopping. Last good checkpoint: "
-                f"{last[-1] if last else 'none'} (lower optim.base_lr or use run.amp=bf16/fp32)")
-        pending.clear()
+    guard = LossGuard(out, info, "lower optim.base_lr or use run.amp=bf16/fp32")
+    check_finite = guard.check
 
     t_log, last_logged = time.perf_counter(), start
     for step in range(start, steps):
@@ -217,18 +122,13 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
             gens = [torch.Generator().manual_seed(item_seed(run["seed"], g, int(i))) for i in batch["index"]]
             sync = ddp.no_sync() if info.enabled and micro < accum - 1 else contextlib.nullcontext()
             with sync:
-                with autocast:
+                with prec.autocast:
                     loss, parts = train_model(video, generator=gens)
-                scaler.scale(loss / accum).backward()
-            pending.append((step + 1, loss.detach()))
+                prec.scaler.scale(loss / accum).backward()
+            guard.add(step + 1, loss)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + v.detach().float() / accum
-        scaler.unscale_(optimizer)
-        grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), ocfg["clip_grad"])
-                     if ocfg["clip_grad"] else torch.zeros(()))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = apply_update(prec, optimizer, model.parameters(), ocfg["clip_grad"])
         scheduler.step_update(step + 1)
         clips_seen += global_batch
         if (step + 1) % run["log_every"] == 0 or step + 1 == steps:
@@ -255,7 +155,7 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
         save(steps)
     elapsed = time.perf_counter() - t_start
     summary = {"rank": info.rank, "steps": steps, "resumed_from": start, "global_batch": global_batch,
-               "world_size": info.world_size, "device": str(device), "amp": str(amp),
+               "world_size": info.world_size, "device": str(device), "amp": str(prec.dtype),
                "seconds": elapsed, "clips_per_s": clips_seen / elapsed if elapsed else None,
                "final": history[-1] if history else None}
     if info.is_main:
@@ -264,33 +164,22 @@ def _pretrain(cfg: dict, info, resume: bool, progress: bool) -> dict:
     return summary
 
 
-def parse_args(argv) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(
-        prog="python -m EchoFMEngine pretrain", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Pretrain EchoFM (masked video reconstruction + contrastive loss) from a config; writes "
-                    "run.out/ (checkpoints, log.csv, model/, summary.json). Same as python train.py --config.",
-        epilog="example:\n  python -m EchoFMEngine pretrain --config Resources/configs/demo.yaml "
-               "run.steps=5 run.out=runs/quick")
-    ap.add_argument("--config", default=None,
-                    help="YAML config (Resources/configs/demo.yaml, pretrain_*.yaml); default: built-in defaults")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in run.out")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar (it goes to stderr)")
-    ap.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.steps=200 optim.base_lr=1.5e-4")
+def parse_args(argv):
+    ap = run_parser(
+        "python -m EchoFMEngine pretrain",
+        "Pretrain EchoFM (masked video reconstruction + contrastive loss) from a config; writes run.out/ "
+        "(checkpoints, log.csv, model/, summary.json). Same as python train.py --config.",
+        "example:\n  python -m EchoFMEngine pretrain --config Resources/configs/demo.yaml run.steps=5 run.out=runs/quick",
+        "YAML config (Resources/configs/demo.yaml, pretrain_*.yaml); default: built-in defaults",
+        "key=value overrides, e.g. run.steps=200 optim.base_lr=1.5e-4")
     return ap.parse_intermixed_args(argv)   # overrides before or after the flags
 
 
-def cli(argv) -> int:
-    a = parse_args(argv)
-    try:
-        cfg = load_config(a.config, a.overrides)
-        summary = pretrain(cfg, resume=a.resume, progress=not a.no_progress)
-    except (ConfigError, LockedError) as e:     # exit 2: usage/config error, nothing ran
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (KeyError, ValueError, FileNotFoundError, CheckpointError, NonFiniteLoss) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def _report(cfg: dict, summary: dict) -> None:
     if summary.get("final") and summary["rank"] == 0:
-        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v)
-                          for k, v in summary["final"].items()}))
-    return 0  # a non-finite loss has already raised NonFiniteLoss (exit 1 above)
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in summary["final"].items()}))
+
+
+def cli(argv) -> int:
+    """`python -m EchoFMEngine pretrain`: exit 0 done, 1 run error (a non-finite loss too), 2 bad config."""
+    return run_cli(parse_args(argv), pretrain, _report)

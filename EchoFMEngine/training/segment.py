@@ -1,36 +1,30 @@
-"""Chamber segmentation: phantom data, fine-tuning, evaluation and a self-describing checkpoint.
+"""Chamber segmentation: phantom data, the loss and the evaluation of the segmentation task.
 
 As on CAMUS / EchoNet-Dynamic, only the ED and ES frames of a clip are labelled
 (``mask_valid``); the loss (cross-entropy + soft Dice) sees those frames only and the
 decoder runs on those frames only. Structures scored: LV endocardium (label 1),
-LV epicardium (labels 1|2) and LA (label 3), as in the paper.
+LV epicardium (labels 1|2) and LA (label 3), as in the paper. Training is the general loop
+(:func:`EchoFMEngine.training.finetune.run`, or ``finetune.fit`` on items in memory); models are
+written as task checkpoints (``echofm-task-v1``), and older ``echofm-segmenter-v1`` folders load
+with :func:`EchoFMEngine.models.task_checkpoint.load_task_model`.
 """
 from __future__ import annotations
 
-import copy
-import json
-import math
-import time
 import warnings
-from pathlib import Path
-from typing import Callable, Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ..metrics import assd, bootstrap_ci, dice, hd95, iou
-from ..models import EchoFM
-from ..models.heads import ENCODER_UNUSED, EchoFMSegmenter
+from ..models.heads import EchoFMSegmenter
 from ..tasks import SEG_LABELS, STRUCTURE_LABELS, structures_for  # noqa: F401  (structures_for: public here too)
 from .data import phantom_clip
 from .layer_decay import layer_id, param_groups  # noqa: F401  (public here too)
 
 LABEL_NAMES = dict(enumerate(SEG_LABELS))
 STRUCTURES = STRUCTURE_LABELS      # structure -> labels it unites
-FORMAT = "echofm-segmenter-v1"
 
 
 # ------------------------------------------------------------------------ data
@@ -65,74 +59,28 @@ def collate(items: Sequence[dict]) -> dict:
 
 
 # ------------------------------------------------------------------------ loss
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0) -> torch.Tensor:
+def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.0,
+                      weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Cross-entropy + soft Dice (mean over foreground classes) for ``logits [K,C,H,W]``,
-    ``target [K,H,W]``; Dice is computed over the whole batch of frames."""
-    ce = F.cross_entropy(logits, target)
+    ``target [K,H,W]``; Dice is computed over the whole batch of frames.
+
+    ``weight [K]`` (default 1 each): frame k counts ``weight[k]`` times, in the weighted mean of the
+    cross-entropy and in the sums the Dice pools (weight 2 = the frame twice, 0 = the frame absent)."""
+    w = torch.ones(len(target), device=logits.device) if weight is None else weight.to(logits.device).float()
+    ce = (F.cross_entropy(logits, target, reduction="none").float().mean((1, 2)) * w).sum() / w.sum()
     prob = logits.float().softmax(1)[:, 1:]
     onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].float()
-    inter = (prob * onehot).sum((0, 2, 3))
-    soft = 1 - (2 * inter + 1) / (prob.sum((0, 2, 3)) + onehot.sum((0, 2, 3)) + 1)
+    pooled = [(x.sum((2, 3)) * w[:, None]).sum(0) for x in (prob * onehot, prob, onehot)]
+    soft = 1 - (2 * pooled[0] + 1) / (pooled[1] + pooled[2] + 1)
     return ce + dice_weight * soft.mean()
 
 
 def batch_loss(model: EchoFMSegmenter, batch: dict) -> torch.Tensor:
-    """Loss of one batch on its labelled frames only (unlabelled frames are never decoded)."""
+    """Loss of one batch on its labelled frames only (unlabelled frames are never decoded), each
+    frame weighted by ``mask_weight`` when the batch has it (propagated frames, ``data.propagated_weight``)."""
     valid = batch["mask_valid"]
-    return segmentation_loss(model(batch["video"], frames=valid), batch["masks"][valid])
-
-
-# ---------------------------------------------------------------- optimisation
-# layer_id / param_groups live in layer_decay.py (shared by every task); kept importable from here.
-
-
-def finetune_segmentation(encoder: EchoFM, train_items: Sequence[dict], steps: int = 300, lr: float = 1e-3,
-                          batch_size: int = 4, freeze_encoder: bool = False, seed: int = 0,
-                          layer_decay: float = 0.75, weight_decay: float = 0.05, warmup: int = 20,
-                          width: int = 16, augment: Union[bool, Callable] = True,
-                          log_every: int = 0) -> EchoFMSegmenter:
-    """Fine-tune a :class:`EchoFMSegmenter` on a copy of ``encoder`` (the argument is not modified).
-
-    AdamW, linear warm-up then cosine; ``layer_decay`` scales encoder lrs block by block when the
-    encoder is trained. ``augment``: True = the paper's segmentation set (rotation, translation,
-    scale, erasing; one draw per clip, masks follow), False/None = none, or any callable on items.
-    The loss of each step is kept in ``model.history``.
-    """
-    from ..data.augment import segmentation_augment
-
-    torch.manual_seed(seed)
-    model = EchoFMSegmenter(copy.deepcopy(encoder), freeze_encoder=freeze_encoder, width=width)
-    opt = torch.optim.AdamW(param_groups(model, lr, weight_decay, layer_decay), betas=(0.9, 0.999))
-    for g in opt.param_groups:
-        g["base_lr"] = g["lr"]
-    aug = segmentation_augment(seed, erase_p=0.25) if augment is True else (augment or None)
-    rng = np.random.default_rng(seed)
-    bs = min(batch_size, len(train_items))
-    model.train()
-    model.history = []
-    order: list = []
-    t0 = time.perf_counter()
-    for step in range(steps):
-        if len(order) < bs:
-            order += rng.permutation(len(train_items)).tolist()
-        picked = [train_items[order.pop()] for _ in range(bs)]
-        if aug is not None:
-            picked = [{**it, **aug({"video": it["video"], "masks": it["masks"]})} for it in picked]
-        scale = (step + 1) / warmup if step < warmup else \
-            0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        for g in opt.param_groups:
-            g["lr"] = g["base_lr"] * scale
-        loss = batch_loss(model, collate(picked))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
-        opt.step()
-        model.history.append(loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"  seg step {step + 1}/{steps} loss {np.mean(model.history[-log_every:]):.4f} "
-                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    model.eval()
-    return model
+    weight = batch["mask_weight"][valid] if "mask_weight" in batch else None
+    return segmentation_loss(model(batch["video"], frames=valid), batch["masks"][valid], weight=weight)
 
 
 # ------------------------------------------------------------------ evaluation
@@ -207,48 +155,3 @@ def score_label_maps(preds: Sequence, refs: Sequence, spacings: Sequence, struct
     for key in ("iou", "hd95_mm", "assd_mm"):
         result[f"mean_{key}"] = float(np.mean([v[key] for v in result["structures"].values()]))
     return result
-
-
-# ------------------------------------------------------------------ checkpoint
-def save_segmenter(model: EchoFMSegmenter, folder: Union[str, Path], extra: Optional[dict] = None) -> Path:
-    """Write ``model.safetensors`` (encoder keys as ``encoder.*`` without the unused MAE decoder and
-    projector, head keys as ``head.*``) and ``config.json``; both carry the description
-    (task, labels, input size, frames, encoder config, head layers / width)."""
-    out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    c = model.cfg
-    desc = {"format": FORMAT, "task": "segment", "labels": {str(k): v for k, v in LABEL_NAMES.items()},
-            "structures": {k: list(v) for k, v in STRUCTURES.items()},
-            "input": {"frames": c.num_frames, "height": c.img_size, "width": c.img_size, "channels": c.in_chans,
-                      "value_range": [0.0, 1.0], "layout": "[B, C, T, H, W]"},
-            "n_classes": model.head.n_classes, "head": {"layers": model.head.layers, "width": model.head.width},
-            "encoder_config": c.to_dict(), **(extra or {})}
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
-               if not k.startswith(tuple(f"encoder.{u}" for u in ENCODER_UNUSED))}
-    tmp = out / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "description": json.dumps(desc)})
-    tmp.replace(out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(desc, indent=2))
-    return out
-
-
-def load_segmenter(folder: Union[str, Path], map_location="cpu") -> EchoFMSegmenter:
-    """Inverse of :func:`save_segmenter`; the description is kept in ``model.description``."""
-    from ..models import EchoFMConfig
-    from ..models.checkpoint import CheckpointError, weights_file
-
-    file = weights_file(folder)
-    with safe_open(str(file), framework="pt", device=str(map_location)) as f:
-        meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise CheckpointError(f"{file}: not an EchoFM segmenter (format={meta.get('format')!r})")
-        sd = {k: f.get_tensor(k) for k in f.keys()}
-    desc = json.loads(meta["description"])
-    encoder = EchoFM(EchoFMConfig.from_dict(desc["encoder_config"]))
-    model = EchoFMSegmenter(encoder, desc["n_classes"], desc["head"]["layers"], width=desc["head"]["width"])
-    result = model.load_state_dict(sd, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith(tuple(f"encoder.{u}" for u in ENCODER_UNUSED))]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(f"{file}: missing keys {missing[:10]}, unexpected keys {result.unexpected_keys[:10]}")
-    model.description = desc
-    return model.eval()

@@ -11,6 +11,7 @@ use *synthetic proxy labels derived from the phantom's EF* (:data:`PROXY_NOTES`)
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
@@ -19,9 +20,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..data import build_dataset
 from ..data.labels import AR_BINARY, AR_SEVERE_FROM, AR_VIEWS, AS_TASKS, TMED2_VIEWS
 from ..tasks import TASK_NAMES
-from .segment import LABEL_NAMES
+from .data import phantom_clip
+from .segment import LABEL_NAMES, phantom_segmentation_items
 
 PHANTOM_VIEWS = ["A2C", "A4C"]
 SEG_LABELS = [LABEL_NAMES[i] for i in range(4)]
@@ -47,8 +50,6 @@ def ar_proxy_severity(ef: float) -> float:
 
 
 def _ar_phantoms(n: int, size: int, frames: int, seed: int) -> list[dict]:
-    from .data import phantom_clip
-
     rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA12]))
     items = []
     for i in range(n):
@@ -79,8 +80,6 @@ def phantom_task_items(task: str, n: int, size: int, frames: int, seed: int = 0)
     ``spacing_mm``, ``view``, ``ef``) with ``label`` = index in :data:`PHANTOM_VIEWS` (view) or the
     AS proxy (EF < 50 %); AR items hold four view slots (``view_valid``), ``severity`` and ``label``
     from the AR proxy. See :data:`PROXY_NOTES`."""
-    from .segment import phantom_segmentation_items
-
     if n < 1:
         raise ValueError(f"need at least one phantom study, got n={n}")
     if task == "ar":
@@ -124,8 +123,6 @@ def _as_task(data: dict) -> str:
 # ------------------------------------------------------------------ registry
 def registry_dataset(task: str, data: dict, split: str, frames: int, size: int) -> Dataset:
     """The registry dataset feeding ``task`` (errors from the dataset layer name the file / key)."""
-    from ..data import build_dataset
-
     kind = data["kind"]
     if kind not in KIND_TASKS:
         raise ValueError(f"data.kind {kind!r} is not one of {sorted(KIND_TASKS)}")
@@ -181,8 +178,10 @@ def index_targets(ds, task: str, data: dict) -> Optional[list]:
     if name == "tmed2":
         return [int(s["label"]) for s in samples]
     if name == "csv":
-        if task == "segment":
-            return [1 if s["mask"] else None for s in samples]
+        if task == "segment":                  # a clip whose masks are all excluded propagated ones has none
+            drop = {"propagated"} if float(data.get("propagated_weight", 1.0)) == 0 else set()
+            return [1 if s["mask"] and not set(s.get("mask_sources") or ["corrected"]) <= drop else None
+                    for s in samples]
         return [s["targets"][label_column(task, data)] for s in samples]
     if name == "ar_multiview":
         return [int(float(s["severity"]) >= AR_SEVERE_FROM) for s in samples]
@@ -257,13 +256,18 @@ def carve_validation(targets: Sequence, fraction: float, seed: int) -> tuple[lis
 # ------------------------------------------------------------------ splits
 class TaskDataset(Dataset):
     """A view of a phantom list or a registry dataset: chosen indices, items reduced to the keys
-    the task needs (no ``meta``), the task's target under ``label`` / ``ef`` / ``severity``."""
+    the task needs (no ``meta``), the task's target under ``label`` / ``ef`` / ``severity``.
+
+    Segmentation items also get ``mask_weight`` [T]: the loss weight of each labelled frame, 1, or
+    ``data.propagated_weight`` where the dataset marks the frame's mask as propagated
+    (``mask_propagated``); at weight 0 such frames are no longer labelled (``mask_valid`` False)."""
 
     KEEP = ("video", "label", "ef", "severity", "view_valid", "masks", "mask_valid", "spacing_mm")
 
     def __init__(self, base, task: str, data: dict, indices: Optional[Sequence[int]] = None):
         self.base, self.task = base, task
         self.key = target_key(task, data)
+        self.propagated_weight = float(data.get("propagated_weight", 1.0))
         self.indices = list(range(len(base))) if indices is None else list(indices)
 
     def __len__(self) -> int:
@@ -276,14 +280,27 @@ class TaskDataset(Dataset):
             out["ef"] = item[self.key]                  # a CSV regression column
         if isinstance(out.get("spacing_mm"), (list, tuple)):
             out["spacing_mm"] = tuple(float(s) for s in out["spacing_mm"])
+        if self.task == "segment" and "mask_valid" in out:
+            out.update(frame_weights(out["mask_valid"], item.get("mask_propagated"), self.propagated_weight))
         out["index"] = i
         return out
 
     def subset(self, positions: Sequence[int]) -> "TaskDataset":
-        out = TaskDataset.__new__(TaskDataset)
-        out.base, out.task, out.key = self.base, self.task, self.key
+        out = copy.copy(self)
         out.indices = [self.indices[p] for p in positions]
         return out
+
+
+def frame_weights(valid: torch.Tensor, propagated: Optional[torch.Tensor], weight: float) -> dict:
+    """``mask_valid`` and ``mask_weight`` [T] of one clip: labelled frames weigh 1, propagated ones
+    ``weight``; weight 0 unlabels them (they are neither decoded, nor in the loss, nor scored)."""
+    w = valid.float()
+    if propagated is not None and bool(propagated.any()):
+        propagated = propagated.bool() & valid
+        w = torch.where(propagated, torch.full_like(w, weight), w)
+        if weight == 0:
+            valid = valid & ~propagated
+    return {"mask_valid": valid, "mask_weight": w}
 
 
 @dataclass
@@ -313,6 +330,25 @@ def _with_targets(ds, task: str, data: dict, where: str) -> tuple[TaskDataset, O
         raise ValueError(f"{where}: no sample has a target for task {task!r}"
                          + (f" (column {label_column(task, data)!r})" if data["kind"] == "csv" else ""))
     return TaskDataset(ds, task, data, keep), [targets[i] for i in keep]
+
+
+def target_stats(values: Sequence[float]) -> dict:
+    """Mean and SD (1 when undefined) of the training targets, which the regression head standardises by."""
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std()) if len(v) > 1 and v.std() > 0 else 1.0}
+
+
+def items_task_data(task: str, data: dict, train: Sequence[dict], val: Optional[Sequence[dict]] = None) -> TaskData:
+    """Train (and validation) splits of items held in memory (the dataset layer's keys, model-sized
+    ``video`` [3,T,S,S]), for :func:`EchoFMEngine.training.finetune.fit`."""
+    if not train:
+        raise ValueError("no training items")
+    frames, size = int(train[0]["video"].shape[-3]), int(train[0]["video"].shape[-1])
+    labels = task_labels(task, {**data, "kind": "phantom"}) if task != "segment" else list(SEG_LABELS)
+    stats = target_stats([float(it["ef"]) for it in train]) if task == "ef" else {}
+    val_ds = TaskDataset(list(val), task, data) if val else None
+    return TaskData(TaskDataset(list(train), task, data), val_ds, None, labels, "items", frames, size, "cycle",
+                    target_stats=stats, n_train_available=len(train))
 
 
 def build_task_data(task: str, data: dict, frames: int, size: int, frame_model: bool = False) -> TaskData:
@@ -365,10 +401,7 @@ def build_task_data(task: str, data: dict, frames: int, size: int, frame_model: 
     labels = task_labels(task, data)
     stats = {}
     if task == "ef":
-        values = np.asarray(train_t if train_t is not None else [float(train[i]["ef"]) for i in range(len(train))],
-                            dtype=float)
-        stats = {"mean": float(values.mean()), "std": float(values.std()) if len(values) > 1 and values.std() > 0
-                 else 1.0}
+        stats = target_stats(train_t if train_t is not None else [float(train[i]["ef"]) for i in range(len(train))])
     if kind == "tmed2":
         policy = "still"
     else:
