@@ -22,18 +22,18 @@ def studies():
             for afib in (False, True) for seed in SEEDS}
 
 
-def _truth(st, margin: int = 2):
+def _truth(st, margin: int = 2, end_margin: int = 3):
     """All true cycles (R peak to R peak, as nearest frames) and the ones a method must find:
     both ends inside the clip with a little margin, so the ED plateau is visible on both sides."""
     T = st.cine.num_frames
     f = np.round(st.r_peak_times_s * st.cine.fps).astype(int)
     every = list(zip(f[:-1], f[1:]))
-    required = [(a, b) for a, b in every if a >= margin and b <= T - 3]
+    required = [(a, b) for a, b in every if a >= margin and b <= T - end_margin]
     return every, required
 
 
-def _assert_cycles(found, st, tol, margin: int = 2):
-    every, required = _truth(st, margin)
+def _assert_cycles(found, st, tol, margin: int = 2, end_margin: int = 3):
+    every, required = _truth(st, margin, end_margin)
     near = lambda c, d: abs(c[0] - d[0]) <= tol and abs(c[1] - d[1]) <= tol  # noqa: E731
     assert required, "phantom should hold at least one full cycle"
     for t in required:
@@ -53,10 +53,10 @@ def test_split_cycles_with_ecg(studies, afib, seed):
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_split_cycles_without_ecg_sinus(studies, seed):
-    # From images ED is the top of the blood-pool signal just before the systolic downstroke
-    # (the method that holds on real cines): within 2 frames of R at 30 fps on these phantoms.
+    # From images ED is the top of the volume-like image signal just before the systolic
+    # downstroke (the method that holds on real cines): within 1 frame of R at 30 fps here.
     st = studies[(False, seed)]
-    _assert_cycles(split_cycles(dataclasses.replace(st.cine, ecg=None)), st, tol=2)
+    _assert_cycles(split_cycles(dataclasses.replace(st.cine, ecg=None)), st, tol=1)
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -65,8 +65,10 @@ def test_split_cycles_without_ecg_afib(studies, seed):
     # shallow: from images alone ED lies within one frame of R in 38 of 40 default AF phantoms
     # (seeds 0-39) and within two in 39; two frames is the tolerance used here.
     # A cycle starting in the first 3 frames is not required: its ED top may lie before the clip.
+    # Nor one ending in the last 4 after a short AF beat: the clip shows too little of the next
+    # stroke to tell an ED from a pause, and on real cines such end EDs were mostly wrong.
     st = studies[(True, seed)]
-    _assert_cycles(split_cycles(dataclasses.replace(st.cine, ecg=None)), st, tol=2, margin=3)
+    _assert_cycles(split_cycles(dataclasses.replace(st.cine, ecg=None)), st, tol=2, margin=3, end_margin=5)
 
 
 def test_ecg_outside_the_clip_falls_back_to_images(studies):

@@ -39,8 +39,8 @@ def test_traced3_ed_es_within_three_frames(shared_data):
 
 
 def test_dev100_beat_trains_are_plausible(shared_data):
-    """Every beat 0.3-2.0 s and a spread under 15 % on at least 90 % of the 100 real cines
-    (92 measured), and a median heart rate of a normal population."""
+    """Every beat 0.3-2.0 s and a spread under 15 % on at least 93 % of the 100 real cines
+    (95 measured), and a median heart rate of a normal population."""
     folder = _echonet(shared_data, "dev100")
     paths = sorted((folder / "Videos").glob("*.avi"))
     plausible, rates = 0, []
@@ -53,7 +53,7 @@ def test_dev100_beat_trains_are_plausible(shared_data):
         plausible += bool(ok)
         if beats.size:
             rates.append(60.0 / beats.mean())
-    assert plausible >= 0.9 * len(paths), f"{plausible}/{len(paths)} plausible beat trains"
+    assert plausible >= 0.93 * len(paths), f"{plausible}/{len(paths)} plausible beat trains"
     assert 55.0 <= float(np.median(rates)) <= 85.0, np.median(rates)
 
 

@@ -1,8 +1,9 @@
 """Heartbeats of a cine without ECG, from the images alone: the period, every ED and ES, each with
 a confidence.
 
-The signal is the LV/RV blood-pool size (the dark share of the upper scan sector, where apical
-views show the ventricles): it is largest at ED and smallest at ES. Its strongest, sharpest
+Two volume-like signals of the upper scan sector (where apical views show the ventricles), both
+largest at ED and smallest at ES: the blood-pool size (its dark share) and the principal motion
+(the frames' first principal component); the one that repeats better per cine is used. Its strongest, sharpest
 feature on real cines is the systolic downstroke (rapid ejection), so beats are found as
 downstrokes about one period apart (period from the signal's autocorrelation, its fundamental
 rather than a multiple); ED is the top of the signal just before each downstroke, ES its bottom
@@ -30,6 +31,8 @@ MIN_SNR = 6.0             # swing of the signal over its frame-to-frame noise: w
 MIN_REPEAT = 0.2          # autocorrelation at the period below this: no heartbeat (noise repeats less)
 MIN_QUALITY = 0.35        # autocorrelation at the period below this: the signal barely repeats
 LOW_CONFIDENCE = 0.5      # an event whose stroke is under half the usual one is uncertain
+BLOOD_POOL = "blood pool (dark share of the upper scan sector)"
+PRINCIPAL_MOTION = "principal motion (first principal component of the upper scan sector)"
 
 
 @dataclass
@@ -44,15 +47,14 @@ class ImageBeats:
     period_frames: Optional[float] = None
     quality: float = 0.0
     signal: Optional[np.ndarray] = None
+    signal_name: str = ""
     reason: str = ""  # why nothing (or little) was found
 
 
-def blood_pool_signal(cine: Cine) -> np.ndarray:
-    """Share of dark (blood) pixels per frame in the upper part of the scan sector: a cavity-size
-    proxy for apical views, highest at ED and lowest at ES.
-
-    Frames are cropped to the sector (``geometry.find_sector``), reduced to ~96 px and smoothed
-    against speckle; darkness is graded around an Otsu threshold of the sector's pixels."""
+def _upper_sector(cine: Cine) -> tuple[np.ndarray, np.ndarray]:
+    """The frames cropped to the scan sector (``geometry.find_sector``), reduced to ~96 px and
+    smoothed against speckle, and the mask of the sector's upper part where apical views show the
+    ventricles: ``([T, h, w] float32, [h, w] bool)``."""
     grey = cine.grey()
     T, H, W = grey.shape
     sector = find_sector(cine.frames)
@@ -70,14 +72,45 @@ def blood_pool_signal(cine: Cine) -> np.ndarray:
     region = sector.copy()
     region[int(np.ceil(VENTRICLE_DEPTH * region.shape[0])):] = False
     eroded = ndimage.binary_erosion(region, iterations=2)
-    region = eroded if eroded.any() else region
-    values = grey[:, region]
+    return grey, (eroded if eroded.any() else region)
+
+
+def _blood_pool(values: np.ndarray) -> np.ndarray:
+    """Share of dark (blood) pixels per frame of ``values`` ([T, N] sector pixels), graded around
+    an Otsu threshold: speckle crossing the threshold moves it a little instead of flipping pixels."""
+    T = values.shape[0]
     if values.size == 0 or np.ptp(values) == 0:
         return np.zeros(T)
     thr = float(threshold_otsu(values[:: max(1, T // 16)].ravel()))
-    # soft membership (1 at black, 0 at twice the threshold): speckle crossing the threshold
-    # moves it a little instead of flipping pixels
     return np.clip(1.0 - values / (2.0 * thr), 0.0, 1.0).mean(axis=1) if thr > 0 else np.zeros(T)
+
+
+def _principal_motion(values: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    """The frames' first principal component over the sector pixels: the strongest coherent change
+    of the image (walls, valves and cavity together), signed to rise with the blood pool so that it
+    too is largest at ED. It holds where drop-out or gain leaves the blood-pool share flat."""
+    x = values - values.mean(axis=0)
+    if not np.any(x):
+        return np.zeros(values.shape[0])
+    u, sv, _ = np.linalg.svd(x, full_matrices=False)
+    pc = u[:, 0] * sv[0]
+    return -pc if np.ptp(pool) > 0 and np.corrcoef(pc, pool)[0, 1] < 0 else pc
+
+
+def image_signals(cine: Cine) -> dict[str, np.ndarray]:
+    """The volume-like signals the images give, by name: the blood-pool share and the principal
+    motion of the upper sector (see :func:`blood_pool_signal`, :func:`_principal_motion`)."""
+    grey, region = _upper_sector(cine)
+    values = grey[:, region]
+    pool = _blood_pool(values)
+    return {BLOOD_POOL: pool, PRINCIPAL_MOTION: _principal_motion(values, pool)}
+
+
+def blood_pool_signal(cine: Cine) -> np.ndarray:
+    """Share of dark (blood) pixels per frame in the upper part of the scan sector: a cavity-size
+    proxy for apical views, highest at ED and lowest at ES."""
+    grey, region = _upper_sector(cine)
+    return _blood_pool(grey[:, region])
 
 
 def noise_level(v: np.ndarray) -> float:
@@ -198,7 +231,7 @@ def beats_from_signal(v: np.ndarray, fps: float, period: Optional[float] = None)
     for i, b in enumerate(strokes):
         p, amp = b["p"], b["amp"]
         conf = float(np.clip(amp / usual, 0.0, 1.0) * np.clip(quality / 0.6, 0.0, 1.0))
-        lo = max(0, p - reach, found.es[-1] + 1 if found.es else 0)
+        lo = min(p, max(0, p - reach, found.es[-1] + 1 if found.es else 0))
         w = s[lo: p + 1]
         cut = lo == 0 and p - reach < 0  # the clip may start after this beat's ED
         if not (cut and (int(np.argmax(w)) < 1 or amp < 0.5 * usual)):
@@ -230,24 +263,44 @@ def _edge_events(s: np.ndarray, found: ImageBeats, usual: float, quality: float,
         found.es_confidence.append(half)
     if found.ed and (not found.es or found.es[0] > found.ed[0]) and found.ed[0] >= 3:
         g = int(np.argmin(s[: found.ed[0]]))
-        if 1 <= g <= found.ed[0] - min_gap and s[g] <= es_level + 0.15 * usual \
+        # at frame 0 only a bottom the signal leaves slowly: a steep rise there is a refill already under way
+        bottom = g >= 1 or (s[1] - s[0] <= 0.03 * usual and s[0] <= es_level + 0.05 * usual)
+        if bottom and g <= found.ed[0] - min_gap and s[g] <= es_level + 0.15 * usual \
                 and s[found.ed[0]] - s[g] >= 0.5 * usual:
             found.es.insert(0, g)
             found.es_confidence.insert(0, half)
+    if found.es and found.ed and found.es[0] < found.ed[0] and found.es[0] >= min_gap:
+        m = int(np.argmax(s[: found.es[0]]))  # the clip starts at the top of the first stroke
+        top = s[m] >= ed_level - 0.05 * usual if m == 1 else s[m] >= ed_level  # frame 0 may be mid-stroke
+        if m <= 1 and top and s[m] - s[found.es[0]] >= 0.5 * usual \
+                and found.ed[0] - m >= 0.8 * (found.period_frames or 0):
+            found.ed.insert(0, m)
+            found.ed_confidence.insert(0, half)
     if found.es and found.ed and found.ed[-1] < found.es[-1] and T - found.es[-1] > 3:
         m = found.es[-1] + 1 + int(np.argmax(s[found.es[-1] + 1:]))
         reached = s[m] >= ed_level - 0.05 * usual or (s[m] >= ed_level - 0.15 * usual and s[m] - s[-1] >= 2 * noise)
-        if m < T - 1 and reached \
+        flat_end = m < T - 1  # the last frame is a top, not a rise the clip cuts
+        if flat_end and reached \
                 and m - found.ed[-1] >= 0.8 * (found.period_frames or 0) and m - found.es[-1] >= min_gap:
             found.ed.append(m)
             found.ed_confidence.append(half)
 
 
 def detect_image_beats(cine: Cine) -> ImageBeats:
-    """ED/ES of every beat of ``cine`` from its images (no ECG, no masks)."""
+    """ED/ES of every beat of ``cine`` from its images (no ECG, no masks): each image signal gives
+    a beat train, and the one whose signal repeats best (autocorrelation at its period) is kept."""
     if cine.num_frames < 4:
         return ImageBeats(reason=f"a cine of {cine.num_frames} frame(s) shows no heartbeat")
-    v = blood_pool_signal(cine)
-    if np.ptp(v) < 1e-6:
-        return ImageBeats(signal=v, reason="the images do not change: no motion to find beats in")
-    return beats_from_signal(v, cine.fps)
+    best = None
+    for name, v in image_signals(cine).items():
+        if np.ptp(v) < 1e-6:
+            continue
+        found = beats_from_signal(v, cine.fps)
+        found.signal_name = name
+        if best is None or (found.period_frames is not None, found.quality) > (best.period_frames is not None,
+                                                                                best.quality):
+            best = found
+    if best is None:
+        return ImageBeats(signal=np.zeros(cine.num_frames), signal_name=BLOOD_POOL,
+                          reason="the images do not change: no motion to find beats in")
+    return best

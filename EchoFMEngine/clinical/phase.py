@@ -263,7 +263,7 @@ def _from_image(cine: Cine, phase: Phase, found: Optional[ImageBeats] = None) ->
     found = found if found is not None else detect_image_beats(cine)
     phase.ed_frames, phase.es_frames = list(found.ed), list(found.es)
     phase.ed_confidence, phase.es_confidence = list(found.ed_confidence), list(found.es_confidence)
-    phase.signal, phase.signal_name = found.signal, "blood pool (dark share of the upper scan sector)"
+    phase.signal, phase.signal_name = found.signal, found.signal_name
     phase.heart_rate_bpm = _hr_from_events(phase.ed_frames, cine.fps)
     if phase.heart_rate_bpm is None and found.period_frames:
         phase.heart_rate_bpm = 60.0 * cine.fps / found.period_frames
@@ -346,7 +346,7 @@ def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,)) -> Pha
         if use_masks:
             v, src = np.where(np.isfinite(area), area, np.nan), "masks (LV area)"
         else:
-            v, src = blood_pool_signal(cine), "images (blood pool)"
+            v, src = beats.signal, f"images ({beats.signal_name.split(' (')[0]})"
             if area is not None:
                 notes.append("masks cover too few frames for the LV area curve: ES from the images")
         period = _period(cine, [int(f) for f in r_frames])

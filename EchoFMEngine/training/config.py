@@ -15,10 +15,9 @@ import yaml
 from pydantic import Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 from typing_extensions import Annotated, Literal
 
+from ..configs import find_config
 from ..tasks import HEAD_DEFAULTS
 from ..tasks import TASK_NAMES as FINETUNE_TASKS
-
-from ..configs import find_config
 
 # Every key a pretraining config may hold, with its default. Model keys are checked by EchoFMConfig.
 DEFAULTS = {
