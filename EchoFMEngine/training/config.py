@@ -112,6 +112,8 @@ FINETUNE_DEFAULTS = {
         "keep_last": 2,
         "log_every": 5,
         "tensorboard": False,
+        "compile": False,        # torch.compile the training forward (worth it on GPUs; minutes to compile on CPU)
+        "compile_mode": "default",  # default | reduce-overhead (CUDA graphs) | max-autotune
     },
 }
 
@@ -132,6 +134,7 @@ _COMMON_TYPES = {
     "run.out": Text, "run.steps": Count, "run.batch_size": Count, "run.seed": NonNeg, "run.amp": Amp,
     "run.device": Device, "run.ckpt_every": Count, "run.keep_last": NonNeg, "run.log_every": Count,
     "run.tensorboard": StrictBool,
+    "run.compile": StrictBool, "run.compile_mode": Literal["default", "reduce-overhead", "max-autotune"],
     "optim.weight_decay": NonNegFloat, "optim.betas": Betas, "optim.warmup_steps": NonNeg,
     "optim.min_lr": NonNegFloat, "optim.clip_grad": Optional[PosFloat],
     "data.root": Optional[Text], "data.seed": NonNeg, "data.num_workers": NonNeg,
@@ -140,7 +143,6 @@ PRETRAIN_TYPES = {
     **_COMMON_TYPES,
     "task": Literal["pretrain"], "data.kind": Literal["phantom", "cache", "folder"], "data.n_studies": Count,
     "optim.base_lr": NonNegFloat, "optim.accum_steps": Count,
-    "run.compile": StrictBool, "run.compile_mode": Literal["default", "reduce-overhead", "max-autotune"],
 }
 FINETUNE_TYPES = {
     **_COMMON_TYPES,

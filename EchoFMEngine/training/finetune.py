@@ -320,6 +320,8 @@ def train(cfg: dict, data: TaskData, model: EncoderModel, info: distributed.Dist
     if info.enabled:
         forward = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                       find_unused_parameters=True)     # heads leave some encoder tensors unused
+    if r["compile"]:
+        forward = torch.compile(forward, mode=r["compile_mode"])
     guard = LossGuard(out, info, "lower optim.lr or use run.amp=fp32")
 
     def validate(step: int) -> None:
