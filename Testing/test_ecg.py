@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from EchoFMEngine.cine import CineReadError, Ecg
-from EchoFMEngine.clinical.ecg import (compare_peaks, detect_r_peaks, ecg_from_dicom, ecg_quality, heart_rate_bpm,
-                              is_lead_ii, peaks_to_frames, read_ecg_csv, read_wfdb)
+from EchoFMEngine.clinical import ecg as clinical_ecg
+from EchoFMEngine.clinical.ecg import compare_peaks, detect_r_peaks, ecg_quality, heart_rate_bpm, peaks_to_frames
+from EchoFMEngine.io.ecg import ecg_from_dicom, is_lead_ii, read_ecg_csv, read_wfdb
 
 BEAT_SYMBOLS = set("NLRBAaJSVrFejnE/fQ?")  # PhysioNet beat annotation codes (not rhythm/noise marks)
 
@@ -147,3 +148,9 @@ def test_short_recording_starting_on_an_r_peak_keeps_its_polarity():
         ref = full[(full >= start) & (full < start + 2000)] - start
         assert len(got) >= len(ref) - 1
         assert np.max(np.min(np.abs(got[:, None] - ref[None]), axis=1)) <= 5   # within 10 ms
+
+
+def test_readers_still_import_from_clinical_ecg():
+    """The readers moved to io.ecg; users' ``from EchoFMEngine.clinical.ecg import read_wfdb`` keeps working."""
+    assert (clinical_ecg.read_wfdb, clinical_ecg.read_ecg_csv, clinical_ecg.ecg_from_dicom, clinical_ecg.is_lead_ii) \
+        == (read_wfdb, read_ecg_csv, ecg_from_dicom, is_lead_ii)

@@ -36,8 +36,6 @@ LAYERS = [
 
 # (from, to, where): upward edges being removed today; each names the import that still makes it.
 KNOWN_UPWARD = {
-    # ECG file readers (ecg_from_dicom, read_wfdb, read_ecg_csv) sit in clinical/ecg.py; they belong in io/
-    ("io", "clinical"): "io/dicom.py imports clinical.ecg.ecg_from_dicom",
     # `models list` prints each model's provenance with analysis.provenance (std-lib only; belongs in models/)
     ("models", "analysis"): "models/registry.py imports analysis.provenance",
     # the demo analyses a held-out phantom with analysis.analyze (helper "loops" is reworking the demo)

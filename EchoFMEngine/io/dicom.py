@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from EchoFMEngine.cine import Cine, CineReadError, SourceInfo
-from EchoFMEngine.clinical.ecg import ecg_from_dicom
+from EchoFMEngine.io.ecg import ecg_from_dicom
 from EchoFMEngine.io.arrays import DEFAULT_FPS, to_uint8
 
 DICOM_EXTENSIONS = (".dcm", ".dicom", ".dic", ".ima")
