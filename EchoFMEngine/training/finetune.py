@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader
 from ..configs import CONFIG_DIR
 from ..data.augment import classification_augment, segmentation_augment
 from ..data.labels import AR_VIEWS
+from ..metrics import json_safe
 from ..models import make_config
 from ..models.checkpoint import CheckpointError
 from ..models.heads import ENCODER_UNUSED, EncoderModel, build_new_task_model
@@ -158,19 +158,6 @@ def describe(cfg: dict, data: TaskData, model: EncoderModel, val: dict, test: Op
     if data.trained_on == "phantom" and task in PROXY_NOTES:
         desc["label_source"] = PROXY_NOTES[task]
     return desc
-
-
-def json_safe(x):
-    """NaN / inf -> None, tuples -> lists, numpy scalars -> Python numbers (strict JSON)."""
-    if isinstance(x, dict):
-        return {str(k): json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_safe(v) for v in x]
-    if isinstance(x, np.generic):
-        x = x.item()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    return x
 
 
 # ------------------------------------------------------------------ augmentation
