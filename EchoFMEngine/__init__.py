@@ -38,6 +38,7 @@ MOVED = {
        for name in ("ecg", "cycles", "image_beats", "phase", "phase_strip", "measure", "geometry", "propagate")},
     "EchoFMEngine.synthetic": "EchoFMEngine.clinical.phantoms",
     "EchoFMEngine.training.distributed": "EchoFMEngine.runtime.distributed",
+    "EchoFMEngine.analysis.provenance": "EchoFMEngine.models.provenance",
 }
 
 

@@ -36,8 +36,6 @@ LAYERS = [
 
 # (from, to, where): upward edges being removed today; each names the import that still makes it.
 KNOWN_UPWARD = {
-    # `models list` prints each model's provenance with analysis.provenance (std-lib only; belongs in models/)
-    ("models", "analysis"): "models/registry.py imports analysis.provenance",
     # the demo analyses a held-out phantom with analysis.analyze (helper "loops" is reworking the demo)
     ("training", "analysis"): "training/demo.py imports analysis",
 }

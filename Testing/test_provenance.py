@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from EchoFMEngine.analysis import analyze, analyze_paths
-from EchoFMEngine.analysis.provenance import model_provenance, trained_on_phantoms
+from EchoFMEngine.models.provenance import model_provenance, trained_on_phantoms
 from EchoFMEngine.cine import SourceInfo
 from EchoFMEngine.models import build_echofm
 from EchoFMEngine.models.heads import EchoFMSegmenter

@@ -142,7 +142,7 @@ def load_models(models=None, device: str = "auto", tasks=CINE_TASKS) -> ModelSet
 
     store = models if isinstance(models, ModelStore) else ModelStore(models)
     dev = resolve_device(device)
-    from .provenance import model_provenance
+    from ..models.provenance import model_provenance
 
     loaded = ModelSet(reasons=store.missing(tasks))
     loaded.provenance = {}
@@ -222,7 +222,7 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     from ..clinical.measure import cardiac_measurements
     from ..clinical.phase import detect_ed_es
     from . import inference
-    from .provenance import is_phantom_cine, models_provenance
+    from ..models.provenance import is_phantom_cine, models_provenance
 
     if segment not in ("ed_es", "all"):
         raise ValueError(f"segment must be 'ed_es' or 'all', got {segment!r}")

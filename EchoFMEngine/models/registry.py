@@ -282,7 +282,7 @@ def cli(argv: Sequence[str]) -> int:
             e = store.import_file(a.file, a.task)
             print(f"imported {e['task']}: {store.folder / e['file']} (sha256 {e['sha256'][:12]}...)")
         elif a.cmd == "list":
-            from ..analysis.provenance import store_provenance
+            from .provenance import store_provenance
 
             entries = store.entries()
             prov = store_provenance(store)       # the same provenance every analysis result carries

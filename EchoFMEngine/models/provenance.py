@@ -36,7 +36,7 @@ def model_provenance(task: str, description: Optional[dict] = None, entry: Optio
 
 def store_provenance(store) -> dict:
     """``{task: provenance}`` for every task model listed in a :class:`ModelStore` (no weights loaded)."""
-    from ..models.task_checkpoint import read_task_description
+    from .task_checkpoint import read_task_description  # deferred on purpose: torch, which this module does without
 
     out = {}
     for task, entry in store.entries().items():
@@ -50,7 +50,7 @@ def store_provenance(store) -> dict:
 
 
 def models_provenance(models: Mapping) -> dict:
-    """``{task: provenance}`` of loaded models (a :class:`~.pipeline.ModelSet` carries it per task;
+    """``{task: provenance}`` of loaded models (an analysis ``ModelSet`` carries it per task;
     plain ``{task: model}`` mappings give what the model's description says)."""
     known = getattr(models, "provenance", {}) or {}
     out = {}
