@@ -39,6 +39,7 @@ MOVED = {
     "EchoFMEngine.synthetic": "EchoFMEngine.clinical.phantoms",
     "EchoFMEngine.training.distributed": "EchoFMEngine.runtime.distributed",
     "EchoFMEngine.analysis.provenance": "EchoFMEngine.models.provenance",
+    "EchoFMEngine.training.demo": "EchoFMEngine.demo",
 }
 
 

@@ -48,7 +48,7 @@ def _command(name):
 def _train_py(argv):
     from EchoFMEngine.training.entry import cli
     if argv and argv[0] == "demo":
-        from EchoFMEngine.training.demo import cli as demo
+        from EchoFMEngine.demo import cli as demo
         return demo(argv[1:])
     return cli(argv)
 

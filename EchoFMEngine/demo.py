@@ -25,17 +25,18 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from ..clinical.phantoms import make_study, write_dicom
-from ..configs import shipped
-from ..models import EchoFM, load_pretrained
-from ..models.registry import ModelStore
-from ..models.task_checkpoint import load_task_model
-from . import finetune
-from .config import ConfigError, load_config, parse_override
-from .data import phantom_clip
-from .pretrain import pretrain
-from .segment import STRUCTURES, evaluate_segmentation, predict_items
-from .task_data import SPLIT_SEEDS, phantom_task_items
+from .analysis import analyze_paths
+from .clinical.phantoms import make_study, write_dicom
+from .configs import shipped
+from .models import EchoFM, load_pretrained
+from .models.registry import ModelStore
+from .models.task_checkpoint import load_task_model
+from .training import finetune
+from .training.config import ConfigError, load_config, parse_override
+from .training.data import phantom_clip
+from .training.pretrain import pretrain
+from .training.segment import STRUCTURES, evaluate_segmentation, predict_items
+from .training.task_data import SPLIT_SEEDS, phantom_task_items
 
 DEMO_CONFIG = shipped("demo")         # package data, found from a checkout and an installed wheel alike
 # The demo's segmentation run: fine-tuning config keys and values (segment.KEY=VALUE overrides them).
@@ -250,8 +251,6 @@ def _value(cfg: dict, key: str):
 def analysis_demo(out: Path, seed: int = 4242) -> dict:
     """Import the fine-tuned segmenter into a models folder, write a held-out phantom DICOM study
     (with its ECG) and analyse it as a clinician would: ED/ES, masks, volumes and EF vs the truth."""
-    from ..analysis import analyze_paths    # deferred on purpose: analysis sits above training (upward edge)
-
     t0 = time.perf_counter()
     store = ModelStore(out / "models")
     store.import_file(out / "segment" / "model", task="segment")
