@@ -18,7 +18,7 @@ COMMANDS = {
     "evaluate": ("EchoFMEngine.evaluation.command", "evaluate a fine-tuned checkpoint: metrics.json + figures"),
     "phase": ("EchoFMEngine.clinical.phase_strip", "ED/ES of every beat: a phase-strip PNG and a JSON per cine"),
     "analyze": ("EchoFMEngine.analysis", "analyse cine loops: view, ED/ES, masks, volumes, EF, scores"),
-    "models": ("EchoFMEngine.models.registry", "the local models folder: list, import a weights file"),
+    "models": ("EchoFMEngine.models.cli", "the local models folder: list, import a weights file"),
 }
 
 

@@ -118,7 +118,7 @@ def test_top_level_and_bench_overviews_list_every_command_and_option():
 
 def test_shared_options_go_after_the_subcommand(tmp_path):
     """`models import FILE --task view --folder F` parses (the issue's failing case), as does --models."""
-    from EchoFMEngine.models.registry import cli as models_cli
+    from EchoFMEngine.models.cli import cli as models_cli
 
     err = io.StringIO()
     with contextlib.redirect_stderr(err):

@@ -15,6 +15,7 @@ import torch
 
 from EchoFMEngine.bench.reference import ReferenceEchoFM
 from EchoFMEngine.models import CheckpointError, load_official_checkpoint, load_pretrained
+from EchoFMEngine.models import cli as models_cli
 from EchoFMEngine.models import hub, registry
 from EchoFMEngine.models.registry import ModelStore
 
@@ -119,7 +120,7 @@ def test_download_checks_converts_and_records_provenance(fake_hub, released, tmp
     a, b = _state(ref), _state(got)
     assert a.keys() == b.keys() and all(torch.equal(v, b[k]) for k, v in a.items())
     # `models list` shows source, revision and licence
-    assert registry.cli(["list"]) == 0
+    assert models_cli.cli(["list"]) == 0
     out = capsys.readouterr().out
     assert "echofm-vitl" in out and COMMIT in out and "CC-BY-NC-ND-4.0" in out and f"hf://{REPO}" in out
 
@@ -132,7 +133,7 @@ def test_revision_is_passed_to_the_hub(fake_hub):
 
 def test_refused_licence_downloads_nothing(fake_hub, tmp_path, capsys):
     # no terminal on stdin and no flag: refused (pytest's stdin is not a tty)
-    assert registry.cli(["download", "echofm-vitl"]) == 2
+    assert models_cli.cli(["download", "echofm-vitl"]) == 2
     assert "not accepted" in capsys.readouterr().err
     with pytest.raises(hub.LicenceNotAccepted):
         hub.download("echofm-vitl", ask=lambda prompt: "no")

@@ -41,13 +41,8 @@ KNOWN_UPWARD: dict = {}
 # evaluation still borrows helpers from training (helper "metrics" is moving them into one metrics module):
 # evaluation -> training is a legal downward edge, so it needs no entry here.
 
-# Module-level circles being removed, with why each is there.
-KNOWN_CYCLES = {
-    # `models download` is a subcommand of registry.cli, which calls hub.cli_download; hub files the download
-    # with registry.ModelStore. The command line of the models folder belongs above both (models/cli.py).
-    frozenset({"EchoFMEngine.models.hub", "EchoFMEngine.models.registry"}):
-        "registry.cli imports hub.cli_download; hub imports registry.ModelStore",
-}
+# frozenset(modules): why: module-level circles being removed. Empty now, as above.
+KNOWN_CYCLES: dict = {}
 
 FORBIDDEN_IN_ENGINE = {"slicer", "qt", "ctk", "vtk", "vtkmodules", "PythonQt", "PyQt5", "PyQt6", "PySide2",
                        "PySide6", "mrml", "teem"}

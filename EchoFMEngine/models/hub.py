@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Optional, Union
 
 from .checkpoint import CheckpointError, load_official_checkpoint, save_pretrained
+from .registry import ModelStore, sha256_of
 
 RELEASES = {
     "echofm-vitl": {
@@ -118,8 +119,6 @@ def fetch(name: str, revision: Optional[str] = None, progress=None) -> dict:
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-    from .registry import sha256_of
-
     r = release(name)
     hub = _hub_settings()
     try:
@@ -149,8 +148,6 @@ def download(name: str = "echofm-vitl", revision: Optional[str] = None, folder: 
 
     Raises :class:`LicenceNotAccepted` (nothing downloaded) or :class:`DownloadError` /
     :class:`CheckpointError` (nothing imported)."""
-    from .registry import ModelStore
-
     out = out or sys.stderr
     r = release(name)
     confirm_licence(name, accept_license, ask, out)
@@ -190,17 +187,3 @@ def progress_printer(label: str, out=None):
             print(f"PROGRESS {done >> 10}/{max(1, total >> 10)} {label} (KiB)", file=out, flush=True)
 
     return report
-
-
-def cli_download(a) -> int:
-    """The ``models download`` subcommand (arguments parsed by the registry CLI)."""
-    try:
-        download(a.name, a.revision, a.folder, a.accept_license,
-                 progress=progress_printer(f"downloading {release(a.name)['filename']}"))
-    except LicenceNotAccepted as e:
-        print(f"refused: {e}", file=sys.stderr)
-        return 2
-    except (CheckpointError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
