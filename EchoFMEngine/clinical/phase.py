@@ -346,7 +346,7 @@ def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,)) -> Pha
         if use_masks:
             v, src = np.where(np.isfinite(area), area, np.nan), "masks (LV area)"
         else:
-            v, src = beats.signal, f"images ({beats.signal_name.split(' (')[0]})"
+            v, src = blood_pool_signal(cine), "images (blood pool)"
             if area is not None:
                 notes.append("masks cover too few frames for the LV area curve: ES from the images")
         period = _period(cine, [int(f) for f in r_frames])
