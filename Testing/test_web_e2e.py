@@ -277,8 +277,9 @@ def test_plays_at_the_cine_rate_steps_and_scrubs(web):
     # frames follow the server's clock at the cine's rate (late ones are skipped, never slowed) ...
     clock = out["play_clock"]
     assert clock and clock[-1][2] > 0.3, "the play clock did not run"
-    for first, frame, elapsed in clock:
-        assert frame == (first + int(elapsed * out["fps"])) % out["n"]
+    for first, frame, elapsed in clock:  # elapsed is logged rounded: one frame either way
+        expected = (first + int(elapsed * out["fps"])) % out["n"]
+        assert min((frame - expected) % out["n"], (expected - frame) % out["n"]) <= 1, (frame, expected)
     # ... and the page showed them advancing: at the full rate on an idle machine, at what the CPUs
     # allow on a loaded one (the page then lags, the frames skip; numbers in docs/web.md)
     assert out["play_rate"] > 0.1 * out["fps"], "the page hardly advanced while playing"

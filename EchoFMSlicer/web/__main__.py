@@ -51,7 +51,8 @@ def main(argv=None) -> int:
         from .bench import main as bench
         return bench(args.paths[0])
     import logging
-    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    logging.getLogger("EchoFM").setLevel(logging.INFO)  # ours at INFO; trame's INFO is thousands of lines per start
     from .app import EchoFMWebApp
     app = EchoFMWebApp(models_folder=args.models, export_folder=args.export)
     log = logging.getLogger("EchoFM.web")

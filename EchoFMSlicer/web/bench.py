@@ -114,10 +114,11 @@ async def _bench(path: str, n_frames: int, work: Path) -> dict:
     if exe is None:
         raise SystemExit("the benchmark needs Chromium (apt-get install chromium)")
     port = free_port()
-    server = Server([path, "--models", work / "models", "--export", work / "export"], work / "server.log", port)
-    browser = Chromium(exe, str(work / "chrome"))
+    # the browser is up first, as a user's would be: the figure is the server's start to its first image
+    browser, server = Chromium(exe, str(work / "chrome")), None
     try:
         await browser.connect()
+        server = Server([path, "--models", work / "models", "--export", work / "export"], work / "server.log", port)
         await server.serving()
         serving_s = time.perf_counter() - server.started
         await first_image(browser, f"http://127.0.0.1:{port}/")
@@ -127,7 +128,8 @@ async def _bench(path: str, n_frames: int, work: Path) -> dict:
         shown, rendered = await frame_changes(browser, frames)
     finally:
         await browser.close()
-        server.stop()
+        if server is not None:
+            server.stop()
     return {"cine": Path(path).suffix, "frames_in_cine": n, "cores": os.cpu_count(),
             "load_average_1min": round(os.getloadavg()[0], 2), "server_cpu_s_at_first_image": first_cpu,
             "server_serving_s": round(serving_s, 2), "first_image_s": round(first_s, 2),
