@@ -3,8 +3,8 @@ a confidence.
 
 Two volume-like signals of the upper scan sector (where apical views show the ventricles), both
 largest at ED and smallest at ES: the blood-pool size (its dark share) and the principal motion
-(the frames' first principal component); the one that repeats better per cine is used. Its strongest, sharpest
-feature on real cines is the systolic downstroke (rapid ejection), so beats are found as
+(the frames' first principal component); the one that repeats better per cine is used. Its
+strongest, sharpest feature on real cines is the systolic downstroke (rapid ejection), so beats are found as
 downstrokes about one period apart (period from the signal's autocorrelation, its fundamental
 rather than a multiple); ED is the top of the signal just before each downstroke, ES its bottom
 just after. A beat cut by the start or end of the clip is reported only where the clip shows
@@ -48,6 +48,7 @@ class ImageBeats:
     quality: float = 0.0
     signal: Optional[np.ndarray] = None
     signal_name: str = ""
+    signals: dict = field(default_factory=dict)  # every image signal by name (the ECG path reads the blood pool)
     reason: str = ""  # why nothing (or little) was found
 
 
@@ -291,8 +292,8 @@ def detect_image_beats(cine: Cine) -> ImageBeats:
     a beat train, and the one whose signal repeats best (autocorrelation at its period) is kept."""
     if cine.num_frames < 4:
         return ImageBeats(reason=f"a cine of {cine.num_frames} frame(s) shows no heartbeat")
-    best = None
-    for name, v in image_signals(cine).items():
+    best, signals = None, image_signals(cine)
+    for name, v in signals.items():
         if np.ptp(v) < 1e-6:
             continue
         found = beats_from_signal(v, cine.fps)
@@ -301,6 +302,7 @@ def detect_image_beats(cine: Cine) -> ImageBeats:
                                                                                 best.quality):
             best = found
     if best is None:
-        return ImageBeats(signal=np.zeros(cine.num_frames), signal_name=BLOOD_POOL,
+        best = ImageBeats(signal=np.zeros(cine.num_frames), signal_name=BLOOD_POOL,
                           reason="the images do not change: no motion to find beats in")
+    best.signals = signals
     return best

@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from EchoFMEngine.cine import Cine
-from EchoFMEngine.clinical.image_beats import (LOW_CONFIDENCE, MIN_QUALITY, ImageBeats, blood_pool_signal,
-                                     detect_image_beats)
+from EchoFMEngine.clinical.image_beats import (BLOOD_POOL, LOW_CONFIDENCE, MIN_QUALITY, ImageBeats,
+                                              blood_pool_signal, detect_image_beats)
 
 MAX_HR_BPM = 220.0
 MIN_SAME_KIND_S = 60.0 / MAX_HR_BPM  # 0.273 s: two EDs (or two ESs) are at least one beat apart
@@ -346,7 +346,9 @@ def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,)) -> Pha
         if use_masks:
             v, src = np.where(np.isfinite(area), area, np.nan), "masks (LV area)"
         else:
-            v, src = blood_pool_signal(cine), "images (blood pool)"
+            v, src = beats.signals.get(BLOOD_POOL), "images (blood pool)"  # computed once, with the beats
+            if v is None:  # a clip too short for the image beats
+                v = blood_pool_signal(cine)
             if area is not None:
                 notes.append("masks cover too few frames for the LV area curve: ES from the images")
         period = _period(cine, [int(f) for f in r_frames])
