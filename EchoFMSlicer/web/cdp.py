@@ -39,7 +39,8 @@ class Chromium:
         self._id = 0
         self.ws = self.session = None
 
-    async def connect(self, timeout: float = 30.0) -> None:
+    async def connect(self, timeout: float = 90.0) -> None:
+        """Wait for the DevTools port (a first start on a busy disk took over 30 s) and open the page."""
         deadline = time.time() + timeout
         while True:
             try:
@@ -49,8 +50,10 @@ class Chromium:
                     break
             except OSError:
                 pass
-            if time.time() > deadline or self.proc.poll() is not None:
-                raise RuntimeError("Chromium did not open its DevTools port")
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Chromium exited (code {self.proc.returncode}) before opening its DevTools port")
+            if time.time() > deadline:
+                raise RuntimeError(f"Chromium did not open its DevTools port in {timeout:.0f} s")
             await asyncio.sleep(0.2)
         self.session = aiohttp.ClientSession()
         self.ws = await self.session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0)
