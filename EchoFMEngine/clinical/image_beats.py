@@ -287,12 +287,18 @@ def _edge_events(s: np.ndarray, found: ImageBeats, usual: float, quality: float,
             found.ed_confidence.append(half)
 
 
-def detect_image_beats(cine: Cine) -> ImageBeats:
+def detect_image_beats(cine: Cine, extra_signals: Optional[dict] = None) -> ImageBeats:
     """ED/ES of every beat of ``cine`` from its images (no ECG, no masks): each image signal gives
-    a beat train, and the one whose signal repeats best (autocorrelation at its period) is kept."""
+    a beat train, and the one whose signal repeats best (autocorrelation at its period) is kept.
+    ``extra_signals`` ({name: [T] signal, largest at ED}) join the candidates, e.g. an encoder's."""
     if cine.num_frames < 4:
         return ImageBeats(reason=f"a cine of {cine.num_frames} frame(s) shows no heartbeat")
     best, signals = None, image_signals(cine)
+    for name, v in (extra_signals or {}).items():
+        v = np.asarray(v, dtype=np.float64)
+        if v.shape != (cine.num_frames,):
+            raise ValueError(f"extra image signal {name!r}: shape {v.shape}, expected ({cine.num_frames},)")
+        signals[name] = v
     for name, v in signals.items():
         if np.ptp(v) < 1e-6:
             continue

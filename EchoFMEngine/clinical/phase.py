@@ -310,9 +310,11 @@ def ecg_usability(cine: Cine, found: Optional[ImageBeats] = None) -> tuple[bool,
     return True, ""
 
 
-def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,)) -> Phase:
+def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,),
+                 extra_signals: Optional[dict] = None) -> Phase:
     """ED and ES frames of every cycle in ``cine``: a usable ECG, else LV masks (label maps
-    ``[T, H, W]``), else images. ValueError for a single frame or masks that do not match."""
+    ``[T, H, W]``), else images (``extra_signals``: more image signals, see ``detect_image_beats``).
+    ValueError for a single frame or masks that do not match."""
     from EchoFMEngine.clinical.cycles import ecg_peak_frames
 
     T = cine.num_frames
@@ -328,7 +330,7 @@ def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,)) -> Pha
 
     r_frames, beats = None, None
     if cine.ecg is not None:
-        beats = detect_image_beats(cine)  # judges the ECG and, if it is not usable, places the events
+        beats = detect_image_beats(cine, extra_signals)  # judges the ECG and, if it is not usable, places the events
         usable, why = ecg_usability(cine, beats)
         if usable:
             r_frames = ecg_peak_frames(cine)
@@ -377,7 +379,7 @@ def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,)) -> Pha
             return phase
         notes.append("masks unusable for ED/ES: falling back to the images")
 
-    _from_image(cine, phase, beats)
+    _from_image(cine, phase, beats if beats is not None else detect_image_beats(cine, extra_signals))
     notes.insert(0, "ED/ES from the images alone: ED at the top and ES at the bottom of each systolic "
                     "downstroke of the blood-pool signal (upper scan sector, apical views)")
     if len(phase.ed_frames) < 2:
