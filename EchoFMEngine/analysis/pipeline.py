@@ -27,6 +27,7 @@ from . import plausibility as plaus
 from .plausibility import flag
 from ..tasks import LABEL_TEXT, LABELS, REGRESSION, SEGMENTATION, TASKS, get_task, tasks_of
 from ..runtime.distributed import resolve_device
+from ..clinical import embedding_signal as embedding   # a module: it imports .inference back
 
 LOW_CONFIDENCE = 0.6          # top view probability below this -> flag "low_view_confidence"
 APICAL_VIEWS = ("A2C", "A3C", "A4C", "A5C")   # views the method of discs (and LV/LA masks) assumes
@@ -159,6 +160,12 @@ def load_models(models=None, device: str = "auto", tasks=CINE_TASKS) -> ModelSet
     from .inference import share_encoders
 
     share_encoders(loaded)          # heads on one frozen encoder keep one copy of it in memory
+    if embedding.phase_encoder(loaded)[0] is None:   # no task model's encoder: the folder's pretrained one (issue 11)
+        try:
+            enc, loaded.phase_encoder_source = embedding.load_store_encoder(store)
+            loaded.phase_encoder = None if enc is None else enc.to(dev)
+        except Exception as e:  # noqa: BLE001 - a bad encoder file disables only its heartbeat signal
+            loaded.phase_encoder_error = f"the pretrained encoder could not be loaded: {e}"
     return loaded
 
 
@@ -274,7 +281,11 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
 
     # ED/ES without a segmenter first (ECG, else images); refined below when masks arrive.
     t = time.perf_counter()
-    phase = detect_ed_es(cine, masks=user_masks)
+    encoder, encoder_source = embedding.phase_encoder(store)   # the encoder's frame embeddings: one more image signal
+    extra = embedding.encoder_signals(cine, encoder) if user_masks is None and cine.ecg is None else {}
+    if getattr(store, "phase_encoder_error", None):
+        res.flags.append(flag("encoder_not_loaded", store.phase_encoder_error))
+    phase = detect_ed_es(cine, masks=user_masks, extra_signals=extra)
     res.timing_s["phase"] = time.perf_counter() - t
     cycles = [(a, b) for a, b in zip(phase.ed_frames[:-1], phase.ed_frames[1:])]
     if max_cycles is not None and cycles:
@@ -336,7 +347,7 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
             source = "model"
             used("segment")
             if segment == "all" and cine.ecg is None:   # the LV area curve is a better ED/ES cue than pixels
-                phase = detect_ed_es(cine, masks=labels_map)
+                phase = detect_ed_es(cine, masks=labels_map, extra_signals=extra)
     res.timing_s["segment"] = time.perf_counter() - t
     res.phase = phase.to_dict()
     res.phase_view = (cine, phase)
@@ -344,7 +355,8 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     plaus.merge(res.flags, getattr(phase, "flags", []))
     if len(phase.ed_frames) < 2:
         res.flags.append(flag("no_full_cycle", "fewer than two ED frames in the clip"))
-    res.provenance["ed_es_method"] = {"method": phase.method, "signal": getattr(phase, "signal_name", None)}
+    res.provenance["ed_es_method"] = {"method": phase.method, "signal": getattr(phase, "signal_name", None),
+                                      "encoder_signal_from": encoder_source if extra else None}
 
     sector = None
     if labels_map is not None:
