@@ -11,6 +11,7 @@ import torch
 from sklearn import metrics as skm
 
 from EchoFMEngine import metrics as M
+from EchoFMEngine.data import build_dataset
 from EchoFMEngine.evaluation import figures, reports
 from EchoFMEngine.evaluation.cases import HELD_OUT_SEED, parse_data_spec
 from EchoFMEngine.evaluation.evaluate import cli, evaluate, load_checkpoint
@@ -24,6 +25,12 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def held_out_phantoms(task, n, classes=None):
+    """The cases ``--data phantom:N`` evaluates: the registry's held-out phantom split."""
+    return build_dataset("phantom", None, split="held_out", task=task, n=n, frames=FRAMES, size=IMG,
+                         classes=classes).items
 
 
 def assert_png(path):
@@ -182,10 +189,8 @@ def test_cli_segment_end_to_end_on_phantoms(segmenter_dir, tmp_path, capsys):
         for key in ("dice", "iou", "hd95", "assd"):
             assert len(s[key]["ci95"]) == 2 and s[key]["n"] == m["n_frames"]
     # same numbers as training-time validation (task_eval) of the same held-out phantoms
-    from EchoFMEngine.evaluation.cases import phantom_cases
-
     ref = evaluate_task(load_checkpoint(segmenter_dir, "segment"), "segment",
-                        phantom_cases("segment", 4, IMG, FRAMES), n_boot=100, device="cpu")
+                        held_out_phantoms("segment", 4), n_boot=100, device="cpu")
     assert m["mean_dice"]["value"] == pytest.approx(ref["mean_dice"])
     assert m["mean_dice"]["ci95"] == pytest.approx(list(ref["mean_dice_ci95"]))
     assert m["structures"]["la"]["hd95"]["value"] == pytest.approx(ref["structures"]["la"]["hd95"], nan_ok=True)
@@ -269,7 +274,6 @@ def read_rows(path):
 
 
 def test_view_classifier_end_to_end(task_checkpoints, tmp_path):
-    from EchoFMEngine.evaluation.cases import phantom_cases
     from EchoFMEngine.models.task_checkpoint import load_task_model
 
     res = evaluate("view", task_checkpoints["view"], "phantom:4", tmp_path, n_boot=50, device="cpu",
@@ -277,7 +281,7 @@ def test_view_classifier_end_to_end(task_checkpoints, tmp_path):
     m = res["metrics"]
     assert res["class_names"] == ["A2C", "A4C"] and m["support"] == {"A2C": 2, "A4C": 2}
     rows = read_rows(tmp_path / "predictions.csv")
-    cases = phantom_cases("view", 4, IMG, FRAMES, ["A2C", "A4C"])
+    cases = held_out_phantoms("view", 4, ["A2C", "A4C"])
     with torch.no_grad():
         want = load_task_model(task_checkpoints["view"]).predict_proba(torch.stack([c["video"] for c in cases]))
     got = np.array([[float(r["p_A2C"]), float(r["p_A4C"])] for r in rows])
@@ -290,12 +294,10 @@ def test_view_classifier_end_to_end(task_checkpoints, tmp_path):
 
 
 def test_ef_regressor_end_to_end(task_checkpoints, tmp_path):
-    from EchoFMEngine.evaluation.cases import phantom_cases
-
     res = evaluate("ef", task_checkpoints["ef"], "phantom:4", tmp_path, n_boot=50, device="cpu", log=lambda *a: None)
     m = res["metrics"]
     rows = read_rows(tmp_path / "predictions.csv")
-    truth = [c["ef"] for c in phantom_cases("ef", 4, IMG, FRAMES)]
+    truth = [c["ef"] for c in held_out_phantoms("ef", 4)]
     assert [float(r["true_ef"]) for r in rows] == pytest.approx(truth)
     diff = np.array([float(r["predicted_ef"]) - float(r["true_ef"]) for r in rows])
     assert m["mae"]["value"] == pytest.approx(np.abs(diff).mean()) and m["bias"]["value"] == pytest.approx(diff.mean())

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from EchoFMEngine.data.phantom import segmentation_items
 from EchoFMEngine.models import build_echofm
 from EchoFMEngine.models.heads import ENCODER_UNUSED, EchoFMSegmenter, SegmentationHead
 from EchoFMEngine.models.task_checkpoint import load_task_model, save_task_model
@@ -46,7 +47,7 @@ def tiny_encoder(**kw):
 
 @pytest.fixture(scope="module")
 def items():
-    return S.phantom_segmentation_items(3, IMG, FRAMES, seed=7)
+    return segmentation_items(3, IMG, FRAMES, seed=7)
 
 
 def test_items_are_model_sized_and_labelled_at_ed_es_only(items):

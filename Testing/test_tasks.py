@@ -96,10 +96,11 @@ def test_selection_metric_of_training_is_the_registry_s():
 def test_one_structure_vocabulary_with_old_names_kept():
     from EchoFMEngine.clinical.phantoms import LABELS
     from EchoFMEngine.data.labels import SEG_CLASSES
-    from EchoFMEngine.training.segment import LABEL_NAMES, STRUCTURES
+    from EchoFMEngine.training.segment import STRUCTURES
+    from EchoFMEngine.training.task_data import SEG_LABELS
 
     assert tasks.SEG_LABELS == ("background", "lv_cavity", "lv_myocardium", "la")
-    assert SEG_CLASSES == list(tasks.SEG_LABELS) and [LABEL_NAMES[i] for i in range(4)] == SEG_CLASSES
+    assert SEG_CLASSES == list(tasks.SEG_LABELS) and SEG_LABELS == SEG_CLASSES
     assert LABELS is tasks.LABEL_VALUES and LABELS["lv_endo"] == LABELS["lv_cavity"] == 1
     assert LABELS["lv_myo"] == 2 and list(LABELS) == list(tasks.SEG_LABELS) and len(LABELS) == 4
     with pytest.raises(KeyError):

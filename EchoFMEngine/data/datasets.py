@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from EchoFMEngine.cine import CineReadError
 from EchoFMEngine.data.files import relative_name, scrub_paths
+from EchoFMEngine.tasks import TASK_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +30,18 @@ DATASETS: dict[str, str] = {
     "csv": "EchoFMEngine.data.generic:CsvClips",
     "folder": "EchoFMEngine.data.generic:FolderClips",
     "cache": "EchoFMEngine.data.cache:ClipCache",
+    "phantom": "EchoFMEngine.data.phantom:Phantoms",
+}
+# name -> the tasks it has targets for ('pretrain': unlabelled clips for pretraining)
+DATASET_TASKS: dict[str, tuple[str, ...]] = {
+    "echonet": ("segment", "ef"),
+    "camus": ("segment", "ef"),
+    "tmed2": ("view", "as"),
+    "ar_multiview": ("ar",),
+    "csv": ("view", "as", "ef", "segment"),
+    "folder": ("pretrain",),
+    "cache": ("pretrain",),
+    "phantom": (*TASK_NAMES, "pretrain"),
 }
 
 
@@ -37,14 +50,35 @@ def dataset_names() -> list[str]:
     return sorted(DATASETS)
 
 
-def build_dataset(name: str, root, split: str = "train", **options) -> Dataset:
-    """Build dataset ``name`` ('echonet', 'camus', 'tmed2', 'ar_multiview', 'csv', 'folder', 'cache')."""
+def dataset_tasks(name: str) -> tuple[str, ...]:
+    """The tasks dataset ``name`` can feed (fine-tuning tasks, and 'pretrain')."""
+    return DATASET_TASKS[_key(name)]
+
+
+def dataset_class(name: str) -> type:
+    """The class behind dataset ``name`` (its module is imported now)."""
+    module, cls = DATASETS[_key(name)].split(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def dataset_layout(name: str) -> type:
+    """The class whose hooks (``task_classes``, ``config_options``, ``from_spec``, ...) describe dataset
+    ``name``: its own class, or :class:`EchoDataset`'s defaults for one that is not an EchoDataset (the cache)."""
+    klass = dataset_class(name)
+    return klass if issubclass(klass, EchoDataset) else EchoDataset
+
+
+def _key(name: str) -> str:
     key = str(name).strip().lower()
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {dataset_names()}")
-    module, cls = DATASETS[key].split(":")
-    klass = getattr(importlib.import_module(module), cls)
-    if key == "cache":  # the cache has no splits: one folder per split if needed
+    return key
+
+
+def build_dataset(name: str, root, split: str = "train", **options) -> Dataset:
+    """Build dataset ``name`` (one of :func:`dataset_names`; 'phantom' takes ``root=None``)."""
+    klass = dataset_class(name)
+    if _key(name) == "cache":  # the cache has no splits: one folder per split if needed
         return klass(root, **options)
     return klass(root, split=split, **options)
 
@@ -59,12 +93,15 @@ class EchoDataset(Dataset):
     """
 
     name = "base"
+    needs_root = True      # False: the layout makes its samples (phantoms) and takes root=None
 
     def __init__(self, root, split: str = "train", frames: int = 32, size: int = 224,
                  transform: Optional[Callable[[dict], dict]] = None, window: str = "best",
                  skip_unreadable: bool = True):
-        self.root = Path(root)
-        if not self.root.exists():
+        if root is None and self.needs_root:
+            raise ValueError(f"the {self.name} dataset needs a root folder")
+        self.root = Path(root) if root is not None else None
+        if self.root is not None and not self.root.exists():
             raise FileNotFoundError(f"{self.root}: dataset root does not exist")
         if window not in ("best", "random"):
             raise ValueError(f"window must be 'best' or 'random', got {window!r}")
@@ -88,6 +125,42 @@ class EchoDataset(Dataset):
 
     def load(self, sample) -> dict:
         raise NotImplementedError
+
+    # -- what fine-tuning and evaluation ask of a layout (defaults: a folder of files with named splits) --
+    @classmethod
+    def task_classes(cls, task: str) -> Optional[list]:
+        """The layout's own class names for ``task`` (None: the task's or the config's)."""
+        return None
+
+    @classmethod
+    def task_notes(cls, task: str) -> list:
+        """Notes a model trained on this layout for ``task`` carries (e.g. where its labels come from)."""
+        return []
+
+    @classmethod
+    def config_splits(cls, data: dict) -> tuple:
+        """(train, val, test) split names a fine-tuning config's ``data`` section reads (val/test may be None)."""
+        return data["train_split"], data["val_split"], data["test_split"]
+
+    @classmethod
+    def config_options(cls, task: str, data: dict, split: str) -> dict:
+        """Options of this layout that a config's ``data`` section sets for ``task`` and ``split``."""
+        return {}
+
+    @classmethod
+    def from_spec(cls, arg: str, spec: str) -> dict:
+        """What ``--data NAME:ARG`` means for this layout, as DataSpec fields (here: ARG is the root)."""
+        return {"root": arg}
+
+    @classmethod
+    def eval_options(cls, options: dict, task: str, class_names) -> dict:
+        """``options`` completed for evaluating a checkpoint of ``task`` with ``class_names``."""
+        return dict(options)
+
+    @classmethod
+    def default_held_out(cls, data: dict) -> Optional[str]:
+        """The ``--data`` spec a config's models are evaluated on by default (None: its test split)."""
+        return None
 
     # -- shared ---------------------------------------------------------------------------
     def skip(self, rel: str, reason: str) -> None:

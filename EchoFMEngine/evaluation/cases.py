@@ -1,8 +1,9 @@
 """Evaluation inputs: a ``--data`` spec -> batches of model-ready cases, and the files left out.
 
-Specs: ``phantom:N`` (N held-out phantom studies drawn with :data:`HELD_OUT_SEED`, a seed no
-training config uses) or ``NAME:ROOT`` for the dataset registry
-(:func:`EchoFMEngine.data.build_dataset`) at the checkpoint's frames and size. Dataset files
+Specs: ``NAME:ARG`` for the dataset registry (:func:`EchoFMEngine.data.build_dataset`) at the
+checkpoint's frames and size; ARG is the dataset's root, or what its layout says it is
+(:meth:`EchoDataset.from_spec`): ``phantom:N`` is N held-out phantom studies drawn with
+:data:`HELD_OUT_SEED`, a seed no training config uses. Dataset files
 that cannot be read are skipped and listed (relative name + reason); every other bad input
 (unknown label, mask of the wrong size, empty split) stops with the dataset's error.
 """
@@ -16,27 +17,30 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..cine import CineReadError
 from ..data import build_dataset, dataset_names
+from ..data.datasets import dataset_layout
 from ..data.files import scrub_paths
 from ..data.labels import AR_BINARY, AS_TASKS
-from ..training.task_data import PROXY_LABELS, phantom_task_items, registry_dataset
-
-HELD_OUT_SEED = 90210   # phantom studies seed * 1000 + i: far from the seeds training configs use
+from ..data.phantom import HELD_OUT_SEED  # noqa: F401 (public here too)
+from ..training.task_data import registry_dataset
 
 
 @dataclass
 class DataSpec:
-    """A parsed ``--data`` value: ``kind`` 'phantom' (with ``n``) or a registry name (with ``root``)."""
+    """A parsed ``--data`` value: a registry name ``kind`` with its ``root`` (or ``n`` studies for a
+    dataset made in memory, whose ``split`` and ``description`` its layout fixes)."""
 
     kind: str
     n: int = 0
     root: Optional[str] = None
     options: dict = field(default_factory=dict)
     config_data: Optional[dict] = None     # a fine-tuning config's data section (label-efficiency runs)
+    split: Optional[str] = None            # the split this spec always reads (phantom:N: the held-out studies)
+    description: Optional[dict] = None     # what metrics.json says about it, when the layout fixes that
 
     def describe(self, split: str) -> dict:
         """What metrics.json says about the data (no paths: they may name patients)."""
-        if self.kind == "phantom":
-            return {"kind": "phantom", "n_studies": self.n, "seed": HELD_OUT_SEED}
+        if self.description is not None:
+            return dict(self.description)
         if self.config_data is not None:
             return {"kind": "dataset", "dataset": self.config_data["kind"], "split": split, "from": "config"}
         return {"kind": "dataset", "dataset": self.kind, "split": split,
@@ -45,49 +49,24 @@ class DataSpec:
 
 def config_data_spec(data: dict) -> DataSpec:
     """The data a fine-tuning config's ``data`` section names, read as the fine-tuning loop reads
-    it (:func:`training.task_data.registry_dataset`), for evaluating on its test split."""
-    if data["kind"] == "phantom":
-        raise ValueError("phantom configs are evaluated on 'phantom:N' held-out studies")
+    it (:func:`training.task_data.registry_dataset`), for evaluating on its test split; or the
+    layout's own held-out set (phantoms: ``phantom:<n_test or 16>``)."""
+    held_out = dataset_layout(data["kind"]).default_held_out(data)
+    if held_out is not None:
+        return parse_data_spec(held_out)
     return DataSpec("config", root=data.get("root"), config_data=dict(data))
 
 
 def parse_data_spec(spec: str, options: Optional[dict] = None) -> DataSpec:
-    """``phantom:N`` or ``NAME:ROOT`` -> :class:`DataSpec`; a clear error for anything else."""
+    """``NAME:ROOT`` (or ``phantom:N``) -> :class:`DataSpec`; a clear error for anything else."""
     name, sep, rest = str(spec).partition(":")
     name = name.strip().lower()
     if not sep or not rest:
         raise ValueError(f"--data {spec!r}: expected 'phantom:N' or 'NAME:ROOT' with NAME in {dataset_names()}")
-    if name == "phantom":
-        if not rest.isdigit() or int(rest) < 1:
-            raise ValueError(f"--data {spec!r}: N must be a positive integer")
-        return DataSpec("phantom", n=int(rest))
     if name not in dataset_names():
-        raise ValueError(f"--data {spec!r}: unknown dataset {name!r}; expected 'phantom' or one of {dataset_names()}")
-    return DataSpec(name, root=rest, options=dict(options or {}))
-
-
-# ---------------------------------------------------------------------- phantoms
-def phantom_cases(task: str, n: int, size: int, frames: int, class_names=None,
-                  seed: int = HELD_OUT_SEED) -> list[dict]:
-    """Held-out phantom cases for ``task``, made as the fine-tuning module makes its phantoms
-    (:func:`training.task_data.phantom_task_items`) but from ``seed``.
-
-    View labels are re-indexed to the checkpoint's class names (a 5-view model scores phantom
-    A2C / A4C too). AS and AR phantoms carry synthetic proxy labels, so only a checkpoint
-    trained on those proxies can be scored on them."""
-    names = [str(c) for c in (class_names or [])]
-    if task in PROXY_LABELS and names != PROXY_LABELS[task]:
-        raise ValueError(f"phantom {task.upper()} cases carry synthetic proxy labels {PROXY_LABELS[task]}; "
-                         f"this checkpoint's classes are {names}: evaluate it on its own dataset instead")
-    items = phantom_task_items(task, n, size=size, frames=frames, seed=seed)
-    if task == "view":
-        upper = [c.upper() for c in names]
-        missing = sorted({it["view"] for it in items} - set(upper))
-        if missing:
-            raise ValueError(f"phantom views {missing} are not among the checkpoint's classes {names}")
-        for it in items:
-            it["label"] = upper.index(it["view"])
-    return items
+        raise ValueError(f"--data {spec!r}: unknown dataset {name!r}; expected one of {dataset_names()}")
+    fields = dataset_layout(name).from_spec(rest, spec)
+    return DataSpec(name, **{**fields, "options": {**fields.get("options", {}), **(options or {})}})
 
 
 # ---------------------------------------------------------------------- datasets
@@ -134,9 +113,10 @@ def label_remap(data_names: Optional[list], model_names: list) -> Optional[list]
 
 
 def dataset_options(spec: DataSpec, task: str, class_names) -> dict:
-    """``spec.options`` completed from the checkpoint: TMED-2 AS checkpoints pick the AS task
-    whose class list equals their labels unless ``task=`` is given."""
-    opts = dict(spec.options)
+    """``spec.options`` completed from the checkpoint (:meth:`EchoDataset.eval_options`; phantoms index
+    their labels by its classes): TMED-2 AS checkpoints pick the AS task whose class list equals their
+    labels unless ``task=`` is given."""
+    opts = dataset_layout(spec.kind).eval_options(spec.options, task, class_names)
     if spec.kind == "tmed2" and task == "as" and "task" not in opts:
         match = [name for name, (names, _) in AS_TASKS.items() if list(names) == list(class_names or [])]
         if len(match) != 1:
@@ -163,15 +143,7 @@ def batches(spec: DataSpec, task: str, split: str, frames: int, size: int, batch
             class_names=None, workers: int = 0) -> tuple[Iterator[list[dict]], list, int]:
     """(iterator over lists of cases, the list of skipped files it fills, number of cases announced)."""
     skipped: list = []
-    if spec.kind == "phantom":
-        items = phantom_cases(task, spec.n, size, frames, class_names)
-
-        def gen_phantom():
-            for i in range(0, len(items), batch_size):
-                yield items[i:i + batch_size]
-        return gen_phantom(), skipped, len(items)
-
-    ds = build_eval_dataset(spec, task, split, frames, size, class_names)
+    ds = build_eval_dataset(spec, task, spec.split or split, frames, size, class_names)
     remap = label_remap(dataset_classes(ds, task), class_names or [])
     skipped += [{"file": rel, "reason": why} for rel, why in getattr(ds, "skipped", [])]
     loader = DataLoader(_Guarded(ds), batch_size=batch_size, shuffle=False, num_workers=workers,

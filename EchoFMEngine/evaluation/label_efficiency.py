@@ -69,16 +69,17 @@ def fraction_dir(out: Path, f: float) -> Path:
 
 
 def _held_out(cfg: dict, data: Optional[str]):
-    """The held-out set: ``data`` if given, else ``phantom:<data.n_test or 16>`` for phantom
-    configs, else the config dataset's test split."""
+    """The held-out set: ``data`` if given, else the dataset's own held-out set where its layout has
+    one (phantoms: ``phantom:<data.n_test or 16>``), else the config dataset's test split."""
     if data:
         return parse_data_spec(data), None
     d = cfg["data"]
-    if d["kind"] == "phantom":
-        return parse_data_spec(f"phantom:{int(d['n_test']) or 16}"), None
+    spec = config_data_spec(d)
+    if spec.config_data is None:
+        return spec, None
     if not d.get("test_split"):
         raise ValueError("the config has no data.test_split: give the held-out set with --data")
-    return config_data_spec(d), d["test_split"]
+    return spec, d["test_split"]
 
 
 def run(config, fractions: Sequence[float], out, overrides: Sequence[str] = (), data: Optional[str] = None,

@@ -1,4 +1,5 @@
-"""Pretraining inputs: which clips, and in which order, step by step (exactly resumable)."""
+"""Pretraining inputs: which clips, and in which order, step by step (exactly resumable). Phantom clips
+are a registered dataset (:mod:`EchoFMEngine.data.phantom`)."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -7,45 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-
-def phantom_clip(view: str, frames: int, size: int, heart_rate_bpm: float, cycles: float, ef: float,
-                 seed: int) -> tuple:
-    """One phantom study filmed so that ``frames`` frames span ``cycles`` heartbeats, prepared to
-    the model size: (video float ``[3, T, S, S]`` in [0, 1], the study with its truth, the sector transform)."""
-    from ..clinical.geometry import prepare_frames
-    from ..clinical.phantoms import make_study
-
-    fps = frames * heart_rate_bpm / 60.0 / cycles
-    study = make_study(view=view, n_frames=frames, size=(size * 2, size * 2), fps=fps,
-                       heart_rate_bpm=heart_rate_bpm, ef=ef, seed=seed)
-    clip, transform = prepare_frames(study.cine.frames, size)
-    video = torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2).float() / 255.0
-    return video, study, transform
-
-
-class PhantomClips(Dataset):
-    """Clips cut from synthetic studies (the demo's and the tests' data): ``{"video", "index"}``.
-
-    Studies vary in view, heart rate and EF; each clip spans 1.1-1.6 cardiac cycles.
-    """
-
-    def __init__(self, n_studies: int, frames: int, size: int, seed: int = 0):
-        if n_studies < 1:
-            raise ValueError("data.n_studies must be >= 1")
-        rng = np.random.default_rng(seed)
-        self.clips = []
-        for i in range(n_studies):
-            hr = float(rng.uniform(55, 95))
-            cycles = float(rng.uniform(1.1, 1.6))
-            video, _, _ = phantom_clip(("A4C", "A2C")[i % 2], frames, size, hr, cycles,
-                                       ef=float(rng.uniform(30, 70)), seed=seed * 1000 + i)
-            self.clips.append(video)
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"video": self.clips[i], "index": i}
+from ..data.phantom import phantom_clip  # noqa: F401 (moved to data.phantom; old scripts import it here)
 
 
 class Indexed(Dataset):

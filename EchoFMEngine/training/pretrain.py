@@ -16,13 +16,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from ..data import build_dataset as build_named
+from ..data import dataset_names
+from ..data.datasets import dataset_layout, dataset_tasks
 from ..data.cache import ClipCache
 from ..models import EchoFM, build_echofm, save_pretrained
 from ..models.checkpoint import init_from_checkpoint
 from ..runtime import distributed
 from . import checkpointing
 from .config import dump_config
-from .data import Indexed, PhantomClips, StepBatchSampler, item_seed
+from .data import Indexed, StepBatchSampler, item_seed
 from .loop import (LossGuard, NonFiniteLoss, RunLog, apply_update, precision, progress_bar,  # noqa: F401
                    resume_state, run_cli, run_parser, save_state, training_run)
 from .optim import build_optimizer, build_scheduler
@@ -43,14 +45,17 @@ def build_dataset(cfg: dict, model_cfg) -> torch.utils.data.Dataset:
     """Pretraining clips sized for the model; fails before any training when there are none."""
     d = cfg["data"]
     kind = d["kind"]
-    if kind == "phantom":
-        ds = PhantomClips(d["n_studies"], model_cfg.num_frames, model_cfg.img_size, seed=d["seed"])
-    elif kind == "cache":
+    kinds = [n for n in dataset_names() if "pretrain" in dataset_tasks(n)]
+    if kind not in kinds:
+        raise ValueError(f"data.kind must be one of {kinds} for pretraining, got {kind!r}")
+    layout = dataset_layout(kind)
+    if layout.needs_root and not d.get("root"):
+        raise ValueError(f"data.root is required for data.kind {kind!r}")
+    if kind == "cache":
         ds = Indexed(ClipCache(d["root"], uint8=True))     # uint8 to the device, scaled there
-    elif kind == "folder":
-        ds = Indexed(build_named("folder", d["root"], frames=model_cfg.num_frames, size=model_cfg.img_size))
     else:
-        raise ValueError(f"data.kind must be phantom, cache or folder, got {kind!r}")
+        ds = Indexed(build_named(kind, d.get("root"), frames=model_cfg.num_frames, size=model_cfg.img_size,
+                                 **layout.config_options("pretrain", d, "train")))
     if len(ds) == 0:
         raise ValueError(f"no readable clips in {d.get('root') or kind!r}")
     if kind == "cache" and (ds.dataset.frames, ds.dataset.size) != (model_cfg.num_frames, model_cfg.img_size):

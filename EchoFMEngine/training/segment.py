@@ -1,4 +1,5 @@
-"""Chamber segmentation: phantom data, the loss and the evaluation of the segmentation task.
+"""Chamber segmentation: the loss and the evaluation of the segmentation task (its phantom data:
+:func:`EchoFMEngine.data.phantom.segmentation_items`).
 
 As on CAMUS / EchoNet-Dynamic, only the ED and ES frames of a clip are labelled
 (``mask_valid``); the loss (cross-entropy + soft Dice) sees those frames only and the
@@ -20,40 +21,12 @@ import torch.nn.functional as F
 from ..metrics import assd, bootstrap_ci, dice, hd95, iou
 from ..models.heads import EchoFMSegmenter
 from ..tasks import SEG_LABELS, STRUCTURE_LABELS, structures_for  # noqa: F401  (structures_for: public here too)
-from .data import phantom_clip
 from .layer_decay import layer_id, param_groups  # noqa: F401  (public here too)
 
-LABEL_NAMES = dict(enumerate(SEG_LABELS))
 STRUCTURES = STRUCTURE_LABELS      # structure -> labels it unites
 
 
 # ------------------------------------------------------------------------ data
-def phantom_segmentation_items(n: int, img_size: int, num_frames: int, seed: int = 0,
-                               cycles: tuple[float, float] = (1.1, 1.4)) -> list[dict]:
-    """``n`` phantom clips at the model size, each covering at least one full cardiac cycle.
-
-    Item: ``video`` float ``[3,T,S,S]`` in [0,1], ``masks`` long ``[T,S,S]`` (labels 0-3, via
-    ``transform.to_model``), ``mask_valid`` bool ``[T]`` (True at the ED and ES frames only),
-    ``spacing_mm`` of a model pixel, and the study's view / EF / seed.
-    """
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x5E6]))
-    items = []
-    for i in range(n):
-        hr = float(rng.uniform(55, 95))
-        video, study, tf = phantom_clip(("A4C", "A2C")[i % 2], num_frames, img_size, hr, float(rng.uniform(*cycles)),
-                                        ef=float(rng.uniform(30, 70)), seed=seed * 1000 + i)
-        valid = np.zeros(num_frames, dtype=bool)
-        valid[np.concatenate([study.ed_frames, study.es_frames]).astype(int)] = True
-        items.append({
-            "video": video,
-            "masks": torch.from_numpy(tf.to_model(study.masks)).long(),
-            "mask_valid": torch.from_numpy(valid),
-            "spacing_mm": tuple(float(s) / tf.scale for s in study.cine.spacing_mm),
-            "view": study.view, "ef": study.ef, "seed": study.seed,
-        })
-    return items
-
-
 def collate(items: Sequence[dict]) -> dict:
     return {k: torch.stack([it[k] for it in items]) for k in ("video", "masks", "mask_valid")}
 

@@ -1,13 +1,11 @@
-"""Data for the downstream tasks: phantom studies per task, registry datasets per task, the
+"""Data for the downstream tasks: registry datasets per task (phantoms among them), the
 train / val / test splits, and seeded class-stratified label subsets.
 
 Every item the fine-tuning loop sees has the dataset layer's keys: ``video`` (``[3,T,S,S]``, or
 ``[V,3,T,S,S]`` with ``view_valid [V]`` for AR), and the task's target: ``label`` (view, AS, AR
 severe-or-not), ``severity`` (AR, 0-4), ``ef`` (percent) or ``masks`` + ``mask_valid``.
-
-Phantoms have views A4C / A2C and a known EF, and nothing else: the AS and AR tasks on phantoms
-use *synthetic proxy labels derived from the phantom's EF* (:data:`PROXY_NOTES`), named
-``proxy_*`` so that no one mistakes them for a clinical grading.
+What a dataset feeds, and how a config's ``data`` section reads it, is the dataset's own
+declaration (:mod:`EchoFMEngine.data.datasets`, phantoms in :mod:`EchoFMEngine.data.phantom`).
 """
 from __future__ import annotations
 
@@ -20,79 +18,21 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..data import build_dataset
-from ..data.labels import AR_BINARY, AR_SEVERE_FROM, AR_VIEWS, AS_TASKS, TMED2_VIEWS
+from ..data import build_dataset, dataset_names
+from ..data.datasets import dataset_layout, dataset_tasks
+from ..data.labels import AR_BINARY, AR_SEVERE_FROM, AS_TASKS, TMED2_VIEWS
+from ..data.phantom import (PROXY_LABELS, PROXY_NOTES, SPLIT_SEEDS, Phantoms,  # noqa: F401 (public here too)
+                            ar_proxy_severity)
+from ..data.phantom import VIEWS as PHANTOM_VIEWS  # noqa: F401 (public here too)
+from ..data.phantom import task_items as phantom_task_items
+from ..tasks import SEG_LABELS as _SEG_LABELS
 from ..tasks import TASK_NAMES
-from .data import phantom_clip
-from .segment import LABEL_NAMES, phantom_segmentation_items
 
-PHANTOM_VIEWS = ["A2C", "A4C"]
-SEG_LABELS = [LABEL_NAMES[i] for i in range(4)]
+SEG_LABELS = list(_SEG_LABELS)
 EF_LABELS = ["ef_percent"]
-PROXY_LABELS = {"as": ["proxy_ef_ge_50", "proxy_ef_lt_50"], "ar": ["proxy_non_severe", "proxy_severe"]}
-PROXY_NOTES = {
-    "as": "synthetic proxy label, no clinical meaning: phantoms have no aortic valve; class 1 = phantom EF < 50 %",
-    "ar": "synthetic proxy label, no clinical meaning: phantoms have no colour Doppler; severity = (70 - EF) / 10 "
-          "rounded to 0.5 and clipped to 0-4, severe >= 2.5; the four view slots hold A4C/A2C phantoms of the "
-          "same heart, each present with probability 0.75",
-}
-# which data kinds can feed which task
-KIND_TASKS = {"phantom": TASK_NAMES, "tmed2": ("view", "as"),
-              "csv": ("view", "as", "ef", "segment"), "camus": ("segment", "ef"), "echonet": ("segment", "ef"),
-              "ar_multiview": ("ar",)}
-SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}    # phantom studies of a split: seed (10*data.seed + k)*1000 + i
-
-
-# ------------------------------------------------------------------ phantoms
-def ar_proxy_severity(ef: float) -> float:
-    """The AR phantom proxy: (70 - EF) / 10 in 0.5 steps, clipped to 0-4 (see PROXY_NOTES)."""
-    return float(np.clip(np.round(2 * (70.0 - ef) / 10.0) / 2, 0.0, 4.0))
-
-
-def _ar_phantoms(n: int, size: int, frames: int, seed: int) -> list[dict]:
-    rng = np.random.default_rng(np.random.SeedSequence([seed, 0xA12]))
-    items = []
-    for i in range(n):
-        hr, cycles, ef = float(rng.uniform(55, 95)), float(rng.uniform(1.1, 1.4)), float(rng.uniform(30, 70))
-        present = rng.random(len(AR_VIEWS)) < 0.75
-        if not present.any():
-            present[rng.integers(len(AR_VIEWS))] = True
-        videos, efs = [], []
-        for v in range(len(AR_VIEWS)):
-            if not present[v]:
-                videos.append(torch.zeros(3, frames, size, size))
-                continue
-            video, study, _ = phantom_clip(PHANTOM_VIEWS[(v + 1) % 2], frames, size, hr, cycles, ef=ef,
-                                           seed=(seed * 1000 + i) * 10 + v)
-            videos.append(video)
-            efs.append(study.ef)
-        sev = ar_proxy_severity(float(np.mean(efs)))
-        items.append({"video": torch.stack(videos), "view_valid": torch.from_numpy(present),
-                      "severity": sev, "label": int(sev >= AR_SEVERE_FROM), "ef": float(np.mean(efs)),
-                      "seed": seed * 1000 + i})
-    return items
-
-
-def phantom_task_items(task: str, n: int, size: int, frames: int, seed: int = 0) -> list[dict]:
-    """``n`` phantom items for ``task`` at the model size (studies ``seed * 1000 + i``).
-
-    Single-clip items are the segmentation phantoms (``video``, ``masks``/``mask_valid`` at ED and ES,
-    ``spacing_mm``, ``view``, ``ef``) with ``label`` = index in :data:`PHANTOM_VIEWS` (view) or the
-    AS proxy (EF < 50 %); AR items hold four view slots (``view_valid``), ``severity`` and ``label``
-    from the AR proxy. See :data:`PROXY_NOTES`."""
-    if n < 1:
-        raise ValueError(f"need at least one phantom study, got n={n}")
-    if task == "ar":
-        return _ar_phantoms(n, size, frames, seed)
-    if task not in ("view", "as", "ef", "segment"):
-        raise ValueError(f"no phantom data for task {task!r}")
-    items = phantom_segmentation_items(n, size, frames, seed=seed)
-    for it in items:
-        if task == "view":
-            it["label"] = PHANTOM_VIEWS.index(it["view"])
-        elif task == "as":
-            it["label"] = int(it["ef"] < 50.0)
-    return items
+# which data kinds can feed which fine-tuning task (the registry's DATASET_TASKS, pretraining left out)
+KIND_TASKS = {name: tuple(t for t in dataset_tasks(name) if t in TASK_NAMES) for name in dataset_names()
+              if any(t in TASK_NAMES for t in dataset_tasks(name))}
 
 
 # ------------------------------------------------------------------ labels
@@ -103,8 +43,9 @@ def task_labels(task: str, data: dict) -> list[str]:
         return SEG_LABELS[:2] if kind == "echonet" else SEG_LABELS
     if task == "ef":
         return list(EF_LABELS)
-    if kind == "phantom":
-        return list(PHANTOM_VIEWS) if task == "view" else list(PROXY_LABELS[task])
+    own = dataset_layout(kind).task_classes(task)
+    if own is not None:
+        return own
     if task == "ar":
         return list(AR_BINARY)
     default = TMED2_VIEWS if task == "view" else AS_TASKS[_as_task(data)][0]
@@ -121,16 +62,23 @@ def _as_task(data: dict) -> str:
 
 
 # ------------------------------------------------------------------ registry
-def registry_dataset(task: str, data: dict, split: str, frames: int, size: int) -> Dataset:
-    """The registry dataset feeding ``task`` (errors from the dataset layer name the file / key)."""
+def task_layout(task: str, data: dict) -> type:
+    """The dataset class of ``data.kind``, after checking that it feeds ``task`` and has the root it needs."""
     kind = data["kind"]
     if kind not in KIND_TASKS:
         raise ValueError(f"data.kind {kind!r} is not one of {sorted(KIND_TASKS)}")
     if task not in KIND_TASKS[kind]:
         raise ValueError(f"data.kind {kind!r} has no targets for task {task!r}; it serves {list(KIND_TASKS[kind])}")
-    if not data.get("root"):
+    layout = dataset_layout(kind)
+    if layout.needs_root and not data.get("root"):
         raise ValueError(f"data.root is required for data.kind {kind!r}")
-    opts: dict = {"frames": frames, "size": size}
+    return layout
+
+
+def registry_dataset(task: str, data: dict, split: str, frames: int, size: int) -> Dataset:
+    """The registry dataset feeding ``task`` (errors from the dataset layer name the file / key)."""
+    kind = data["kind"]
+    opts: dict = {"frames": frames, "size": size, **task_layout(task, data).config_options(task, data, split)}
     if data.get("csv_file") and kind in ("tmed2", "csv", "ar_multiview"):
         opts["csv_file"] = data["csv_file"]
     if kind == "tmed2":
@@ -145,7 +93,7 @@ def registry_dataset(task: str, data: dict, split: str, frames: int, size: int) 
             opts["classes"] = {column: task_labels(task, data)}
         elif task == "ef":
             opts["regression"] = [column]
-    return build_dataset(kind, data["root"], split=split, **opts)
+    return build_dataset(kind, data.get("root"), split=split, **opts)
 
 
 def label_column(task: str, data: dict) -> Optional[str]:
@@ -168,6 +116,8 @@ def index_targets(ds, task: str, data: dict) -> Optional[list]:
     """The target of every sample without reading videos, where the layout allows it (None: unknown).
 
     Classes are ints (-1: missing), values floats (nan: missing), segmentation 1 / None (no masks)."""
+    if isinstance(getattr(ds, "items", None), list):
+        ds = ds.items                          # a dataset made in memory (phantoms): its finished items
     if isinstance(ds, list):
         if task == "segment":
             return [1 if bool(it["mask_valid"].any()) else None for it in ds]
@@ -255,7 +205,7 @@ def carve_validation(targets: Sequence, fraction: float, seed: int) -> tuple[lis
 
 # ------------------------------------------------------------------ splits
 class TaskDataset(Dataset):
-    """A view of a phantom list or a registry dataset: chosen indices, items reduced to the keys
+    """A view of a list of items or a registry dataset: chosen indices, items reduced to the keys
     the task needs (no ``meta``), the task's target under ``label`` / ``ef`` / ``severity``.
 
     Segmentation items also get ``mask_weight`` [T]: the loss weight of each labelled frame, 1, or
@@ -340,11 +290,11 @@ def target_stats(values: Sequence[float]) -> dict:
 
 def items_task_data(task: str, data: dict, train: Sequence[dict], val: Optional[Sequence[dict]] = None) -> TaskData:
     """Train (and validation) splits of items held in memory (the dataset layer's keys, model-sized
-    ``video`` [3,T,S,S]), for :func:`EchoFMEngine.training.finetune.fit`."""
+    ``video`` [3,T,S,S]), for :func:`EchoFMEngine.training.finetune.fit`; class names are the phantoms'."""
     if not train:
         raise ValueError("no training items")
     frames, size = int(train[0]["video"].shape[-3]), int(train[0]["video"].shape[-1])
-    labels = task_labels(task, {**data, "kind": "phantom"}) if task != "segment" else list(SEG_LABELS)
+    labels = task_labels(task, {**data, "kind": Phantoms.name}) if task != "segment" else list(SEG_LABELS)
     stats = target_stats([float(it["ef"]) for it in train]) if task == "ef" else {}
     val_ds = TaskDataset(list(val), task, data) if val else None
     return TaskData(TaskDataset(list(train), task, data), val_ds, None, labels, "items", frames, size, "cycle",
@@ -354,43 +304,33 @@ def items_task_data(task: str, data: dict, train: Sequence[dict], val: Optional[
 def build_task_data(task: str, data: dict, frames: int, size: int, frame_model: bool = False) -> TaskData:
     """Train / val / test splits for ``task`` from the config's data section, at the model size.
 
-    Phantoms: ``n_train`` / ``n_val`` / ``n_test`` studies with disjoint seeds. Datasets: the
-    named splits; ``val_split: null`` holds out ``val_fraction`` of the training split
-    (stratified); ``test_split: null`` skips the test set. ``label_fraction`` then keeps a seeded,
+    The dataset reads the splits its layout names (:meth:`EchoDataset.config_splits`; phantoms:
+    ``n_train`` / ``n_val`` / ``n_test`` studies with disjoint seeds), by default the named splits;
+    ``val_split: null`` holds out ``val_fraction`` of the training split (stratified);
+    ``test_split: null`` skips the test set. ``label_fraction`` then keeps a seeded,
     class-stratified share of the training samples."""
     kind, seed = data["kind"], int(data["seed"])
-    notes = []
-    if kind == "phantom":
-        for key in ("n_train", "n_val"):
-            if int(data[key]) < 1:
-                raise ValueError(f"data.{key} must be >= 1 for phantom data, got {data[key]}")
-        made = {s: phantom_task_items(task, int(data[f"n_{s}"]), size, frames, seed=10 * seed + k)
-                for s, k in SPLIT_SEEDS.items() if int(data[f"n_{s}"]) > 0}
-        train, train_t = _with_targets(made["train"], task, data, "phantom train split")
-        val, _ = _with_targets(made["val"], task, data, "phantom val split")
-        test = _with_targets(made["test"], task, data, "phantom test split")[0] if "test" in made else None
-        trained_on = "phantom"
-        if task in PROXY_NOTES:
-            notes.append(PROXY_NOTES[task])
+    layout = task_layout(task, data)
+    train_split, val_split, test_split = layout.config_splits(data)
+    notes = list(layout.task_notes(task))
+    where = f"{data['root']} ({kind})" if data.get("root") else kind
+    base = registry_dataset(task, data, train_split, frames, size)
+    train, train_t = _with_targets(base, task, data, f"{where} split {train_split!r}")
+    if val_split:
+        val = _with_targets(registry_dataset(task, data, val_split, frames, size), task, data,
+                            f"{where} split {val_split!r}")[0]
     else:
-        where = f"{data['root']} ({kind})"
-        base = registry_dataset(task, data, data["train_split"], frames, size)
-        train, train_t = _with_targets(base, task, data, f"{where} split {data['train_split']!r}")
-        if data["val_split"]:
-            val = _with_targets(registry_dataset(task, data, data["val_split"], frames, size), task, data,
-                                f"{where} split {data['val_split']!r}")[0]
-        else:
-            if train_t is None:
-                train_t = [0] * len(train)
-            tr, va = carve_validation(train_t, float(data["val_fraction"]), seed)
-            val, train, train_t = train.subset(va), train.subset(tr), [train_t[i] for i in tr]
-            notes.append(f"validation = {len(val)} samples held out of split {data['train_split']!r} "
-                         f"(val_fraction {data['val_fraction']}, seed {seed})")
-        test = None
-        if data["test_split"]:
-            test = _with_targets(registry_dataset(task, data, data["test_split"], frames, size), task, data,
-                                 f"{where} split {data['test_split']!r}")[0]
-        trained_on = kind
+        if train_t is None:
+            train_t = [0] * len(train)
+        tr, va = carve_validation(train_t, float(data["val_fraction"]), seed)
+        val, train, train_t = train.subset(va), train.subset(tr), [train_t[i] for i in tr]
+        notes.append(f"validation = {len(val)} samples held out of split {train_split!r} "
+                     f"(val_fraction {data['val_fraction']}, seed {seed})")
+    test = None
+    if test_split:
+        test = _with_targets(registry_dataset(task, data, test_split, frames, size), task, data,
+                             f"{where} split {test_split!r}")[0]
+    trained_on = kind
     n_available = len(train)
     fraction = float(data["label_fraction"])
     keep = stratified_subset(train_t if train_t is not None else [0.0] * len(train), fraction, seed)
