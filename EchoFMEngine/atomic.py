@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import io
 import json
 import os
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -77,8 +80,6 @@ def atomic_write_text(path: PathLike, text: str) -> Path:
 
 def remove_stale_temporaries(folder: PathLike, recursive: bool = False) -> list[Path]:
     """Delete ``.NAME.tmp.PID`` files/folders whose writer process is no longer running."""
-    import shutil
-
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -213,9 +214,6 @@ class AppendCSV:
         self.columns = list(columns)
 
     def _line(self, values) -> bytes:
-        import csv
-        import io
-
         buf = io.StringIO()
         csv.writer(buf).writerow(values)
         return buf.getvalue().encode("utf-8")
@@ -246,8 +244,6 @@ class AppendCSV:
 
     def read(self) -> list[dict]:
         """The whole rows of the file (a torn last line, from a power cut, is dropped)."""
-        import csv
-
         if not self.path.is_file():
             return []
         text = self.path.read_text(encoding="utf-8", errors="replace")

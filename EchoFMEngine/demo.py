@@ -94,9 +94,9 @@ def periodicity_score(model: EchoFM, clips: torch.Tensor, phases: np.ndarray) ->
 
 
 def plot_loss(log_csv: Path, out_png: Path) -> None:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib, loaded only when a figure is drawn
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as above
 
     rows = list(csv.DictReader(open(log_csv)))
     steps = [int(r["step"]) for r in rows]
@@ -117,9 +117,9 @@ def plot_similarity(before: np.ndarray, after: np.ndarray, phase: np.ndarray, ou
                     scores: tuple[float, float], clip: str = "held-out phantom clip") -> None:
     """Frame-embedding self-similarity of one held-out clip before and after pretraining, on one
     colour scale, next to the true cardiac phase of the same temporal indices."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib, as above
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as above
 
     t = before.shape[0]
     per_token = len(phase) // t
@@ -165,12 +165,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 def plot_segmentation(item: dict, pred: np.ndarray, out_png: Path, scores: dict, clip: str = "") -> None:
     """The labelled (ED and ES) frames of one held-out clip: truth filled, prediction outlined,
     with this clip's Dice per structure (the held-out set's mean in the title)."""
-    import matplotlib
+    import matplotlib  # deferred: matplotlib, as above
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import to_rgba
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
+    import matplotlib.pyplot as plt  # deferred: as above
+    from matplotlib.colors import to_rgba  # deferred: as above
+    from matplotlib.lines import Line2D  # deferred: as above
+    from matplotlib.patches import Patch  # deferred: as above
 
 
     colours = {"lv_endo": "tab:red", "lv_epi": "tab:orange", "la": "tab:cyan"}

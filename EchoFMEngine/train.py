@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     # The loops import torch: loaded only after the check above could name what is missing.
     if not argv or argv[0] == "demo":
-        from .demo import cli as demo
+        from .demo import cli as demo  # deferred: torch, as above
         return demo(argv[1:])
-    from .training.entry import cli as run
+    from .training.entry import cli as run  # deferred: torch, as above
     return run(argv)
 
 

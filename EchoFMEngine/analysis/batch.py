@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import hashlib
 import json
 import os
@@ -28,12 +29,17 @@ import time
 from pathlib import Path
 from typing import Iterable, Optional, Union
 
+import torch.distributed as dist
+from tqdm import tqdm
+
 from ..atomic import AppendCSV, LockedError, RunLock, atomic_write_text, is_disk_full, remove_stale_temporaries
 from ..cine import CineReadError
 from ..models.checkpoint import CheckpointError
-from .outputs import CSV_COLUMNS, csv_row, study_id, write_study
+from .outputs import CSV_COLUMNS, csv_row, study_id, write_paths, write_study
 from ..tasks import LABEL_TEXT
-from .pipeline import VIEWS, analyze
+from .pipeline import VIEWS, analyze, load_models
+from ..data.files import find_cines
+from ..io import load_cine
 
 RUN_FILE = ".echofm-run.json"
 FAILED_COLUMNS = ["input", "reason"]
@@ -66,10 +72,6 @@ def _is_list_file(p: Path) -> bool:
 def expand_inputs(paths: Iterable[Union[str, Path]]) -> tuple[list[Path], list[tuple[str, str]]]:
     """Input files in order (folders searched recursively, glob patterns expanded, ``.csv``/``.txt``
     lists read) and ``(name, reason)`` for paths not found."""
-    import glob
-
-    from ..data.files import find_cines
-
     files, missing = [], []
     for raw in map(str, paths):
         p = Path(raw)
@@ -170,7 +172,6 @@ def _dist():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
-    import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group(backend="gloo")
@@ -180,7 +181,6 @@ def _dist():
 def _broadcast(obj, rank: int, world: int):
     if world <= 1:
         return obj
-    import torch.distributed as dist
 
     box = [obj if rank == 0 else None]
     dist.broadcast_object_list(box, src=0)
@@ -197,11 +197,6 @@ def analyze_paths(paths: Iterable[Union[str, Path]], out: Union[str, Path], mode
     Returns ``{"done": [study ids], "skipped": [ids already complete], "failed": [(file name, reason)],
     "stopped": reason or None, "out": folder}``. Raises :class:`OutputFolderError` when ``out`` cannot
     be used (not writable, owned by another running process, holding another run)."""
-    from tqdm import tqdm
-
-    from ..io import load_cine
-    from .pipeline import load_models
-
     out = Path(out)
     rank, world = _dist()
     files, missing = expand_inputs(paths)
@@ -231,8 +226,6 @@ def analyze_paths(paths: Iterable[Union[str, Path]], out: Union[str, Path], mode
     if error is not None:
         raise OutputFolderError(error)
     if keep_paths and rank == 0:         # the one file that maps study ids to input paths, on request only
-        from .outputs import write_paths
-
         write_paths(items, out)
     try:
         return _analyze_items(items, missing, out, rank, world, models, device, segment, summary, progress,
@@ -308,8 +301,6 @@ def _analyze_items(items, missing, out, rank, world, models, device, segment, su
 
 def _merge_ranks(out, items, missing, rank, world, failed, stopped):
     """Rank 0 writes one results.csv / failed.csv in input order, the same as a one-process run."""
-    import torch.distributed as dist
-
     gathered = [None] * world
     dist.all_gather_object(gathered, stopped)
     stopped = next((s for s in gathered if s), None)
@@ -364,6 +355,7 @@ def cli(argv) -> int:
     a = ap.parse_args(list(argv))
     masks = None
     if a.masks:
+        # deferred: clinical.propagate loads SimpleITK (slow), needed only when masks are given
         from ..clinical.propagate import read_mask_frames
 
         try:

@@ -12,16 +12,20 @@ are grouped by :func:`encoder_groups` and served by one encoder pass per window
 """
 from __future__ import annotations
 
+import copy
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.ao.quantization import quantize_dynamic
 
 from ..cine import Cine
 from ..clinical.cycles import clip_windows
 from ..clinical.geometry import SectorTransform, prepare_frames
+from ..models.heads import ENCODER_UNUSED
 
 
 @dataclass
@@ -60,8 +64,6 @@ POOLED_KINDS = ("classifier", "regressor")     # heads that read only the mean e
 
 
 def _encoder_tensors(model) -> dict:
-    from ..models.heads import ENCODER_UNUSED
-
     return {k: v for k, v in model.encoder.state_dict().items() if not k.startswith(ENCODER_UNUSED)}
 
 
@@ -154,11 +156,6 @@ def quantize_int8(models: Mapping[str, nn.Module], inplace: bool = False) -> dic
     models sharing one encoder module still share its quantised version. ``inplace`` converts the
     given encoders instead of copies (no second copy in memory; the fp32 models are then gone).
     Outputs move by a stated tolerance (docs/analysis.md), so this is an option, never the default."""
-    import copy
-    import warnings
-
-    from torch.ao.quantization import quantize_dynamic
-
     done: dict = {}
     out = {}
     for task, model in models.items():

@@ -7,13 +7,19 @@ is written only on request (``paths.csv``, ``--keep-paths``).
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
+import os
+import shutil
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from ..tasks import LABEL_TEXT
+from ..atomic import atomic_write_text
+from .summary import summary_figure
 
 CSV_COLUMNS = ["study_id", "input", "view", "view_probability", "phase_method", "heart_rate_bpm",
                "ed_frames", "es_frames", "unit", "edv", "esv", "ef_percent", "la_volume",
@@ -23,8 +29,6 @@ PATHS_FILE = "paths.csv"
 
 def _content_hash(path) -> str:
     """8 hex digits of SHA-256 over the file's size and first 1 MiB (its name plays no part)."""
-    import hashlib
-
     h = hashlib.sha256()
     p = Path(path)
     try:
@@ -50,10 +54,6 @@ def study_id(path, taken: set) -> str:
 
 def write_paths(items, out: Path) -> Path:
     """``paths.csv`` (study_id, input path) in ``out``: written only when the user asks (``--keep-paths``)."""
-    import io
-
-    from ..atomic import atomic_write_text
-
     buf = io.StringIO(newline="")
     w = csv.writer(buf)
     w.writerow(["study_id", "input"])
@@ -66,7 +66,7 @@ def write_paths(items, out: Path) -> Path:
 
 def write_masks_nrrd(masks: np.ndarray, spacing_mm: Optional[tuple], path: Path) -> Path:
     """Label maps ``[T, H, W]`` as a 3D NRRD (axes col, row, frame; spacing in mm when known)."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred: SimpleITK is slow to import, needed only to write masks
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(masks, dtype=np.uint8))
     if spacing_mm and all(np.isfinite(float(s)) and float(s) > 0 for s in spacing_mm[:2]):
@@ -79,7 +79,7 @@ def write_masks_nrrd(masks: np.ndarray, spacing_mm: Optional[tuple], path: Path)
 
 def read_masks_nrrd(path) -> np.ndarray:
     """Inverse of :func:`write_masks_nrrd`: ``[T, H, W]`` uint8."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred: SimpleITK, as above
 
     return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.uint8)
 
@@ -129,8 +129,6 @@ def _finite(v):
 
 
 def _fsync_tree(folder: Path) -> None:
-    import os
-
     for p in folder.iterdir():
         if p.is_file():
             with open(p, "rb+") as f:
@@ -140,9 +138,6 @@ def _fsync_tree(folder: Path) -> None:
 def write_study(result, out: Path, sid: str, cine=None, summary: bool = True) -> Path:
     """Write one study's folder ``out/sid`` and return it: complete or absent, never half written
     (everything goes to a hidden staging folder that is renamed onto ``out/sid`` at the end)."""
-    import os
-    import shutil
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     folder = out / sid
@@ -156,13 +151,11 @@ def write_study(result, out: Path, sid: str, cine=None, summary: bool = True) ->
             write_masks_nrrd(result.masks, (cine.spacing_mm if cine is not None else None), stage / "masks.nrrd")
             d["segmentation"]["file"] = "masks.nrrd"
         if summary and cine is not None:
-            from .summary import summary_figure
-
             summary_figure(cine, result, stage / "summary.png")
         if summary and result.phase_view is not None:
-            import matplotlib.pyplot as plt
+            import matplotlib.pyplot as plt  # deferred: matplotlib, loaded only when figures are drawn
 
-            from ..clinical.phase_strip import phase_strip_figure
+            from ..clinical.phase_strip import phase_strip_figure  # deferred: phase_strip loads matplotlib
 
             fig = phase_strip_figure(*result.phase_view, title=sid)
             fig.savefig(stage / "phase.png", dpi=90)
@@ -184,10 +177,6 @@ def write_study(result, out: Path, sid: str, cine=None, summary: bool = True) ->
 
 def write_csv(rows: list, path: Path) -> Path:
     """``results.csv`` written whole, atomically (temporary name + rename)."""
-    import io
-
-    from ..atomic import atomic_write_text
-
     buf = io.StringIO(newline="")
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS)
     w.writeheader()

@@ -14,6 +14,7 @@ result's ``input`` is the derived study id.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,11 +24,18 @@ import numpy as np
 
 from ..cine import Cine
 from ..models.registry import ModelStore
-from . import plausibility as plaus
+from . import inference, plausibility as plaus
 from .plausibility import flag
 from ..tasks import LABEL_TEXT, LABELS, REGRESSION, SEGMENTATION, TASKS, get_task, tasks_of
 from ..runtime.distributed import resolve_device
 from ..clinical import embedding_signal as embedding   # a module: it imports .inference back
+from ..clinical.geometry import choose_bmode_panel, colour_doppler_frames, find_panels, find_sector
+from ..clinical.measure import cardiac_measurements
+from ..clinical.phase import detect_ed_es
+from ..io import load_cine
+from ..models.provenance import is_phantom_cine, model_provenance, models_provenance
+from ..models.task_checkpoint import load_task_model
+from .inference import share_encoders
 
 LOW_CONFIDENCE = 0.6          # top view probability below this -> flag "low_view_confidence"
 APICAL_VIEWS = ("A2C", "A3C", "A4C", "A5C")   # views the method of discs (and LV/LA masks) assumes
@@ -93,10 +101,6 @@ def quality_flags(cine: Cine) -> list[dict]:
 def gate_input(cine: Cine) -> tuple[Cine, dict, list]:
     """Multi-panel layouts cut to the B-mode panel (ValueError with the reason when none is B-mode)
     and colour Doppler flagged: (cine to analyse, panel facts or {}, flags)."""
-    import dataclasses
-
-    from ..clinical.geometry import choose_bmode_panel, colour_doppler_frames, find_panels, find_sector
-
     flags, panel = [], {}
     panels = find_panels(cine.frames)
     if len(panels) > 1:
@@ -139,11 +143,8 @@ class ModelSet(dict):
 
 def load_models(models=None, device: str = "auto", tasks=CINE_TASKS) -> ModelSet:
     """Load every task model a models folder holds, once (for batches and interactive use)."""
-    from ..models.task_checkpoint import load_task_model
-
     store = models if isinstance(models, ModelStore) else ModelStore(models)
     dev = resolve_device(device)
-    from ..models.provenance import model_provenance
 
     loaded = ModelSet(reasons=store.missing(tasks))
     loaded.provenance = {}
@@ -157,7 +158,6 @@ def load_models(models=None, device: str = "auto", tasks=CINE_TASKS) -> ModelSet
                                                            entries.get(task))
         except Exception as e:  # noqa: BLE001
             loaded.reasons[task] = f"the '{task}' model could not be loaded: {e}"
-    from .inference import share_encoders
 
     share_encoders(loaded)          # heads on one frozen encoder keep one copy of it in memory
     if embedding.phase_encoder(loaded)[0] is None:   # no task model's encoder: the folder's pretrained one (issue 11)
@@ -224,13 +224,6 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     Raises :class:`~EchoFMEngine.cine.CineReadError` for an unreadable file and ValueError for
     masks that do not match the frames or a multi-panel file without a B-mode panel; everything
     else is reported through flags."""
-    from ..clinical.geometry import find_sector
-    from ..io import load_cine
-    from ..clinical.measure import cardiac_measurements
-    from ..clinical.phase import detect_ed_es
-    from . import inference
-    from ..models.provenance import is_phantom_cine, models_provenance
-
     if segment not in ("ed_es", "all"):
         raise ValueError(f"segment must be 'ed_es' or 'all', got {segment!r}")
     if view is not None and view not in VIEWS:
@@ -247,6 +240,7 @@ def analyze(cine_or_path: Union[Cine, str, Path], models: Union[str, Path, Model
     res.timing_s["read"] = t_read
     known_frames = None
     if isinstance(masks, Mapping):   # {frame: label map}: propagated to every frame (issue 12)
+        # deferred: clinical.propagate loads SimpleITK (slow), needed only when masks are given
         from ..clinical.propagate import propagate_masks
 
         known_frames = sorted(int(k) for k in masks)

@@ -13,6 +13,7 @@ import numpy as np
 
 from ..tasks import DRAW_ORDER
 from ..tasks import STRUCTURES as _STRUCTURES
+from ..clinical.geometry import blank_outside_sector
 
 # Contours drawn per structure (labels united), outer first so the endocardium stays visible.
 STRUCTURES = [(s.title, s.labels, s.colour) for name in DRAW_ORDER for s in _STRUCTURES if s.name == name]
@@ -66,15 +67,14 @@ def _numbers(result) -> list[str]:
 
 
 def summary_figure(cine, result, path: Path) -> Path:
-    import matplotlib
+    import matplotlib  # deferred: matplotlib, loaded only when a figure is drawn
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as above
 
     ph = result.phase or {}
     ed = (ph.get("ed_frames") or [0])[0]
     es_after = [f for f in ph.get("es_frames") or [] if f > ed] or (ph.get("es_frames") or [None])
     es = es_after[0]
-    from ..clinical.geometry import blank_outside_sector
 
     frames = blank_outside_sector(cine.frames)
     flags = [f"{f['name']}: {f['reason']}" if isinstance(f, dict) else str(f) for f in result.flags]

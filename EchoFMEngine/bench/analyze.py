@@ -34,6 +34,13 @@ import numpy as np
 import torch
 
 from ..tasks import SEGMENTATION, get_task, tasks_of
+from ..analysis import analyze, analyze_paths
+from ..analysis.inference import encoder_groups, quantize_int8
+from ..analysis.summary import summary_figure
+from ..clinical.phantoms import make_study, write_dicom
+from ..models import build_echofm
+from ..models.heads import build_new_task_model
+from ..runtime import distributed
 
 TASKS = tasks_of(analysed=True)        # the tasks a cine's analysis runs: view, segment, as, ef
 
@@ -41,9 +48,6 @@ TASKS = tasks_of(analysed=True)        # the tasks a cine's analysis runs: view,
 def timing_models(preset: str, tasks=TASKS, img_size: Optional[int] = None, shared_encoder: bool = True) -> dict:
     """Random-weight task models of ``preset`` with the descriptions the pipeline reads; with
     ``shared_encoder`` the clip-level heads (view, AS, EF) sit on one frozen encoder."""
-    from ..models import build_echofm
-    from ..models.heads import build_new_task_model
-
     models = {}
     shared = None
     for task in tasks:
@@ -65,11 +69,6 @@ def run_case(case: str, preset: str, frames: int, device: str, tasks=TASKS, segm
              img_size: Optional[int] = None, max_cycles: Optional[int] = None, shared_encoder: bool = True,
              int8: bool = False, repeat: int = 1, threads: Optional[int] = None) -> dict:
     """``repeat`` timed analyses (after one untimed warm-up call on the same cine), medians per stage."""
-    from ..analysis import analyze
-    from ..analysis.inference import encoder_groups, quantize_int8
-    from ..analysis.summary import summary_figure
-    from ..clinical.phantoms import make_study, write_dicom
-
     if threads:
         torch.set_num_threads(int(threads))
     torch.manual_seed(0)
@@ -129,10 +128,6 @@ def run_case(case: str, preset: str, frames: int, device: str, tasks=TASKS, segm
 def run_batch(n: int, models=None, device: str = "cpu", inputs=None) -> Optional[dict]:
     """Studies/s of the batch ``analyze`` on ``n`` phantom cines (or the files under ``inputs``), in
     each of the torchrun processes; the per-rank figures and the total on rank 0 (None elsewhere)."""
-    from ..analysis import analyze_paths
-    from ..clinical.phantoms import make_study
-    from ..runtime import distributed
-
     info = distributed.setup("cpu")      # gloo for the gathers; the models go to --device
     tmp = tempfile.TemporaryDirectory(prefix="echofm_bench_batch_") if info.is_main else None
     try:

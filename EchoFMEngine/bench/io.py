@@ -21,6 +21,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.tag import Tag
+from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless, UltrasoundMultiFrameImageStorage,
+                         generate_uid)
+
+from EchoFMEngine.data import cache
+from EchoFMEngine.io import load_cine
+from EchoFMEngine.io.video import write_video
 
 CLIPS = {"200x112x112": (200, 112, 112), "60x600x800": (60, 600, 800)}
 QUICK_CLIPS = {"40x112x112": (40, 112, 112), "10x300x400": (10, 300, 400)}
@@ -42,19 +52,11 @@ def synthetic_clip(t: int, h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def _write_video(frames: np.ndarray, fps: float, folder: Path, ext: str) -> Path:
-    from EchoFMEngine.io.video import write_video
-
     return write_video(folder / f"clip{ext}", frames, fps)
 
 
 def write_us_dicom(path: Path, frames: np.ndarray, fps: float, encoding: str = "raw") -> Path:
     """Minimal US multi-frame DICOM of RGB frames; ``encoding``: raw, rle or jpeg (baseline, YBR_FULL_422)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.tag import Tag
-    from pydicom.uid import (ExplicitVRLittleEndian, JPEGBaseline8Bit, RLELossless,
-                             UltrasoundMultiFrameImageStorage, generate_uid)
-
     t, h, w, _ = frames.shape
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UltrasoundMultiFrameImageStorage
@@ -71,8 +73,6 @@ def write_us_dicom(path: Path, frames: np.ndarray, fps: float, encoding: str = "
     ds.FrameTime = 1000.0 / fps
     ds.FrameIncrementPointer = Tag(0x0018, 0x1063)
     if encoding == "jpeg":
-        from PIL import Image
-
         parts = []
         for f in frames:
             buf = io.BytesIO()
@@ -95,8 +95,6 @@ def write_us_dicom(path: Path, frames: np.ndarray, fps: float, encoding: str = "
 
 
 def _read_cine(path: Path) -> int:
-    from EchoFMEngine.io import load_cine
-
     return load_cine(path).num_frames
 
 
@@ -120,10 +118,6 @@ def register_format(name: str, write: Writer, read: Reader) -> None:
 
 def bench_cache() -> bool:
     """Register the prepared-cache column if ``EchoFMEngine.data.cache.bench_io_format`` exists."""
-    try:
-        from EchoFMEngine.data import cache
-    except ImportError:
-        return False
     make = getattr(cache, "bench_io_format", None)
     if make is None:
         return False

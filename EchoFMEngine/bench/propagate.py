@@ -23,6 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..clinical.phantoms import make_study, write_dicom
+from ..clinical.propagate import propagate_masks
+from ..io import load_cine
+
 CASES = ("echonet", "dicom")
 TARGET_S = {"echonet": 3.0, "dicom": 10.0}
 TARGET_MB = 2048.0
@@ -35,10 +39,6 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_case(case: str, frames: int) -> dict:
     """Time one propagation of the first ED mask over the whole cine of ``case``."""
-    from ..io import load_cine
-    from ..clinical.propagate import propagate_masks
-    from ..clinical.phantoms import make_study, write_dicom
-
     if case == "echonet":
         study = make_study("A4C", n_frames=frames, size=(112, 112), fps=50.0, heart_rate_bpm=72, seed=1)
         cine = study.cine

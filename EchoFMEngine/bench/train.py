@@ -17,12 +17,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..models import build_echofm
 from ..runtime import distributed
 from ..runtime.distributed import enable_fast_math
 from ..training.optim import build_optimizer
 from .model import BENCH_CONFIG, _peak_mem_mb, time_steps
+from ..data.cache import ClipCache, _random_cache
 
 # Dense tensor-core peaks (FLOP/s) for the MFU denominator: bf16/fp16, and TF32 for fp32 runs.
 PEAKS = {"H100": (989.4e12, 494.7e12), "H200": (989.4e12, 494.7e12), "A100": (312e12, 156e12),
@@ -42,7 +46,6 @@ def peak_flops(device: torch.device, amp: str):
 
 def step_flops(model, video) -> float:
     """FLOPs of one forward + backward, counted by torch's FlopCounterMode."""
-    from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
         loss, _ = model(video)
@@ -69,9 +72,6 @@ def make_train_step(model, optimizer, video, amp_dtype, scaler, compiled):
 def loader_clips_per_s(frames: int, size: int, batch: int, workers: int, n_clips: int, seconds: float,
                        device: torch.device) -> float:
     """Clips/s a memory-mapped cache of random clips delivers (uint8, pinned, copied to ``device``)."""
-    from torch.utils.data import DataLoader
-
-    from ..data.cache import ClipCache, _random_cache
     with tempfile.TemporaryDirectory() as d:
         _random_cache(Path(d), n_clips, frames, size)
         loader = DataLoader(ClipCache(d, uint8=True), batch_size=batch, shuffle=True, num_workers=workers,
@@ -136,7 +136,6 @@ def _bench(a, info) -> int:
             scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
             wrapped = model
             if info.enabled:
-                from torch.nn.parallel import DistributedDataParallel as DDP
                 wrapped = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                               find_unused_parameters=cfg.contrastive == "none")   # the projector idles
             run = torch.compile(wrapped, mode=a.compile_mode) if compiled else wrapped

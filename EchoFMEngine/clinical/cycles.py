@@ -7,14 +7,17 @@ end-diastole, ``end`` (exclusive) at the next one.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Union
 
 import numpy as np
 from scipy.signal import detrend, find_peaks
+from skimage.transform import resize
 
 from EchoFMEngine.cine import Cine
 from EchoFMEngine.clinical.image_beats import detect_image_beats, noise_level
+from EchoFMEngine.clinical.ecg import detect_r_peaks, peaks_to_frames
+from EchoFMEngine.clinical.geometry import find_sector
 
 _FEATURE_SIZE = 32
 _MAX_RR_JUMP = 1.8  # an R-R interval this many times the median hides a missed beat
@@ -25,12 +28,8 @@ def frame_features(cine: Cine, size: int = _FEATURE_SIZE, blank_outside_sector: 
                    remove_trend: bool = True) -> np.ndarray:
     """Grey frames inside the scan sector, pooled to ``size x size``, minus their temporal mean
     (and linear trend): [T, size*size]."""
-    from skimage.transform import resize
-
     grey = cine.grey()
     if blank_outside_sector:
-        from EchoFMEngine.clinical.geometry import find_sector
-
         sector = find_sector(cine.frames)
         if sector is not None:  # burned-in cursors and clocks must not look like motion
             rows, cols = np.flatnonzero(sector.any(1)), np.flatnonzero(sector.any(0))
@@ -89,7 +88,6 @@ def ecg_peak_frames(cine: Cine) -> Optional[np.ndarray]:
     t_ecg = ecg.times_s
     if t_ecg[0] > ft[0] + dt or t_ecg[-1] < ft[-1] - dt:
         return None  # the ECG does not span the clip
-    from EchoFMEngine.clinical.ecg import detect_r_peaks, peaks_to_frames
 
     peaks = detect_r_peaks(ecg.signal, ecg.fs)
     if len(peaks) < 2:
@@ -104,7 +102,6 @@ def ecg_peak_frames(cine: Cine) -> Optional[np.ndarray]:
 def _ecg_period_frames(cine: Cine) -> Optional[float]:
     if cine.ecg is None or cine.ecg.signal.size == 0:
         return None
-    from EchoFMEngine.clinical.ecg import detect_r_peaks
 
     peaks = detect_r_peaks(cine.ecg.signal, cine.ecg.fs)
     if len(peaks) < 2:
@@ -204,7 +201,6 @@ def reverse_pad(frames_or_cine: ArrayOrCine, ed: int = 0, es: Optional[int] = No
     if not isinstance(frames_or_cine, Cine):
         return full
     c = frames_or_cine
-    from dataclasses import replace
 
     src = replace(c.source, extra={**c.source.extra, "reverse_padded": [int(ed), int(es)]})
     return Cine(frames=full, fps=c.fps, spacing_mm=c.spacing_mm, ecg=None, source=src)

@@ -30,7 +30,7 @@ def _is_inverted(cleaned: np.ndarray, fs: float) -> bool:
 
 
 def _clean_and_peaks(signal, fs: float) -> tuple[np.ndarray, np.ndarray]:
-    import neurokit2 as nk
+    import neurokit2 as nk  # deferred: neurokit2 takes seconds to import; only R-peak detection needs it
 
     if not fs > 0:
         raise ValueError(f"sampling frequency must be positive, got {fs}")
@@ -80,7 +80,7 @@ def ecg_quality(signal: np.ndarray, fs: float, method: str = "template") -> floa
     if method == "template":
         return _template_correlation(cleaned, peaks, fs)
     if method == "averageQRS":
-        import neurokit2 as nk
+        import neurokit2 as nk  # deferred: neurokit2, as above
 
         q = np.asarray(nk.ecg_quality(cleaned, rpeaks=peaks, sampling_rate=fs, method="averageQRS"), dtype=np.float64)
         q = q[np.isfinite(q)]

@@ -22,8 +22,11 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Optional, Sequence
 
+import av
+import cv2
 import numpy as np
 from scipy import ndimage
+from scipy.signal import find_peaks
 
 from EchoFMEngine.cine import Cine, Ecg, SourceInfo
 from EchoFMEngine.tasks import LABEL_VALUES
@@ -136,8 +139,7 @@ def _volume_fraction(t: np.ndarray, r_times: np.ndarray, f_es: float, afib: bool
 # ----------------------------------------------------------------------------- ECG
 def _ecg_template(hr_bpm: float, seed: int, afib: bool) -> np.ndarray:
     """One R-to-R beat (R at sample 0 and at the last sample) from neurokit2's ECGSYN."""
-    import neurokit2 as nk
-    from scipy.signal import find_peaks
+    import neurokit2 as nk  # deferred: neurokit2 takes seconds to import; only the simulated ECG needs it
 
     rr = 60.0 / hr_bpm
     sig = np.asarray(
@@ -313,8 +315,6 @@ def _speckle(shape: tuple, rng: np.random.Generator, static: float = 0.85, rho: 
 
 def _overlay_layers(H: int, W: int, sector: np.ndarray, ecg: Optional[np.ndarray], texts: list):
     """Static burned-in RGB layer + its mask, and the ECG strip box (for the moving cursor)."""
-    import cv2
-
     layer = np.zeros((H, W, 3), dtype=np.uint8)
     scale = max(0.35, H / 320.0)
     line_h = int(round(14 * scale)) + 2
@@ -462,16 +462,16 @@ def make_study(view: str = "A4C", n_frames: int = 64, size: tuple = (128, 128), 
 
 # ----------------------------------------------------------------------------- writers
 def _uid(seed: int, what: str) -> str:
-    from pydicom.uid import generate_uid
+    from pydicom.uid import generate_uid  # deferred: pydicom, only to write DICOM files
 
     return generate_uid(entropy_srcs=[f"echofm-phantom-{seed}-{what}"])
 
 
 def write_dicom(study: PhantomStudy, path, photometric: str = "RGB") -> Path:
     """Write a US Multi-frame Image (explicit VR little endian, uncompressed) with regions and ECG."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.sequence import Sequence as Seq
-    from pydicom.uid import ExplicitVRLittleEndian
+    from pydicom.dataset import Dataset, FileMetaDataset  # deferred: pydicom, as above
+    from pydicom.sequence import Sequence as Seq  # deferred: as above
+    from pydicom.uid import ExplicitVRLittleEndian  # deferred: as above
 
     path = Path(path)
     c = study.cine
@@ -567,8 +567,8 @@ def write_dicom(study: PhantomStudy, path, photometric: str = "RGB") -> Path:
 
 def _waveform_item(ecg: Ecg):
     """One multiplex group: lead II, 16-bit signed, 1 uV per LSB."""
-    from pydicom.dataset import Dataset
-    from pydicom.sequence import Sequence as Seq
+    from pydicom.dataset import Dataset  # deferred: pydicom, as above
+    from pydicom.sequence import Sequence as Seq  # deferred: as above
 
     sens_mv = 0.001
     raw = np.clip(np.round(ecg.signal.astype(np.float64) / sens_mv), -32768, 32767).astype("<i2")
@@ -611,8 +611,6 @@ def _bbox(mask: np.ndarray) -> tuple:
 
 def write_avi(study: PhantomStudy, path, codec: str = "ffv1") -> Path:
     """Write the cine as AVI with PyAV: 'ffv1' (lossless RGB) or 'mjpeg' (high quality)."""
-    import av
-
     path = Path(path)
     c = study.cine
     T, H, W = c.shape

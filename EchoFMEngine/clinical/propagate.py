@@ -25,6 +25,7 @@ from scipy import ndimage
 
 from ..cine import Cine
 from ..tasks import LABEL_VALUES
+from .geometry import find_sector
 
 # The project's label vocabulary (EchoFMEngine.tasks.LABELS).
 LV_ENDO, LV_MYO, LA = (LABEL_VALUES[name] for name in ("lv_cavity", "lv_myocardium", "la"))
@@ -154,8 +155,6 @@ def read_mask_frames(path) -> dict[int, np.ndarray]:
 
 # ----------------------------------------------------------------------------- image preparation
 def _sector(grey: np.ndarray) -> np.ndarray:
-    from .geometry import find_sector
-
     s = find_sector(grey)
     return np.ones(grey.shape[1:], dtype=bool) if s is None else s
 

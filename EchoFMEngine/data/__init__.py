@@ -14,11 +14,11 @@ __all__ = ["DATASETS", "EchoDataset", "build_dataset", "dataset_names", "ClipCac
 
 def __getattr__(name):
     if name in ("ClipCache", "bench_cache", "CacheWriter"):
-        from EchoFMEngine.data import cache
+        from EchoFMEngine.data import cache  # deferred: cache loads torch; the dataset registry does without it
 
         return getattr(cache, name)
     if name in ("segmentation_augment", "classification_augment", "build_augment"):
-        from EchoFMEngine.data import augment
+        from EchoFMEngine.data import augment  # deferred: augment loads torch, as above
 
         return getattr(augment, name)
     raise AttributeError(f"module 'EchoFMEngine.data' has no attribute {name!r}")

@@ -17,6 +17,7 @@ from EchoFMEngine.data.clips import cine_clip
 from EchoFMEngine.data.datasets import EchoDataset
 from EchoFMEngine.data.files import normalise_split
 from EchoFMEngine.data.labels import AR_SEVERE_FROM, AR_SEVERITY_STEPS, AR_VIEWS, encode_label, parse_float
+from EchoFMEngine.io import load_cine
 
 COLUMNS = ("study_id", "view", "path", "severity")
 
@@ -82,8 +83,6 @@ class ARMultiView(EchoDataset):
         self.samples = [s for s in studies.values() if s["views"]]
 
     def load(self, sample) -> dict:
-        from EchoFMEngine.io import load_cine
-
         videos, valid, paths, full = [], [], [], []
         for view in AR_VIEWS:
             rel = sample["views"].get(view)

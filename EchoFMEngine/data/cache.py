@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 FORMAT = "echofm-clip-cache"
 VERSION = 1
@@ -303,8 +303,6 @@ def bench_cache(directory=None, n_clips: int = 32, frames: int = 32, size: int =
     one) is first filled with ``n_clips`` random clips of ``frames`` x ``size``. ``uint8``:
     batches stay uint8 (the float conversion left to the GPU).
     """
-    from torch.utils.data import DataLoader, Subset
-
     def run(path: Path) -> float:
         ds = ClipCache(path, uint8=uint8)
         if max_clips is not None:

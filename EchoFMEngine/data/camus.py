@@ -16,6 +16,7 @@ from EchoFMEngine.data.clips import cycle_clip
 from EchoFMEngine.data.datasets import EchoDataset
 from EchoFMEngine.data.files import hash_split, normalise_split
 from EchoFMEngine.data.masks import check_mask, read_label_image
+from EchoFMEngine.io import load_cine
 
 VIEWS = ("2CH", "4CH")
 SUFFIXES = (".nii.gz", ".mhd", ".nii", ".mha")
@@ -112,8 +113,6 @@ class Camus(EchoDataset):
                                      "files": files, "info": info, "cfg": cfg})
 
     def load(self, sample) -> dict:
-        from EchoFMEngine.io import load_cine
-
         files, info = sample["files"], sample["info"]
         cine = load_cine(files["half_sequence"])
         n, h, w = cine.shape

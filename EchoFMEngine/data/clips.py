@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from EchoFMEngine.cine import Cine
+from EchoFMEngine.clinical.cycles import clip_windows, resample_cycle, reverse_pad
+from EchoFMEngine.clinical.geometry import find_sector, prepare_frames
 
 
 @dataclass
@@ -123,9 +125,6 @@ def holding_labels(indices: np.ndarray, labelled, T: int, where: str = "") -> np
 def cine_clip(cine: Cine, frames: int, size: int, masks: Optional[dict] = None, window: str = "best",
               where: str = "", generator: Optional[torch.Generator] = None) -> Clip:
     """One clip of ``frames`` x ``size`` from a cine; ``masks`` {source frame: [H, W] labels}."""
-    from EchoFMEngine.clinical.cycles import clip_windows
-    from EchoFMEngine.clinical.geometry import find_sector, prepare_frames
-
     masks = masks or {}
     windows = clip_windows(cine, frames)
     if windows:
@@ -150,9 +149,6 @@ def cycle_clip(frames_uint8: np.ndarray, frames: int, size: int, masks: Optional
     The half cycle ED..ES is followed by its reverse (ES..ED), the full cycle resampled to
     ``frames``; ``masks`` are keyed by index into ``frames_uint8``.
     """
-    from EchoFMEngine.clinical.cycles import resample_cycle, reverse_pad
-    from EchoFMEngine.clinical.geometry import find_sector, prepare_frames
-
     masks = masks or {}
     n = len(frames_uint8)
     if n < 2:
@@ -180,8 +176,6 @@ def cycle_clip(frames_uint8: np.ndarray, frames: int, size: int, masks: Optional
 
 def still_clip(image: np.ndarray, frames: int, size: int, mask: Optional[np.ndarray] = None) -> Clip:
     """A still image [H, W, 3] fed as a clip by repeating it ``frames`` times."""
-    from EchoFMEngine.clinical.geometry import prepare_frames
-
     img = np.asarray(image)
     video, tf = prepare_frames(img[None], size)
     indices = np.zeros(frames, dtype=np.int64)
@@ -199,9 +193,6 @@ def still_clip(image: np.ndarray, frames: int, size: int, mask: Optional[np.ndar
 def cut_clips(cine: Cine, frames: int, size: int, full_cycle_only: bool = True,
               stride: Optional[int] = None) -> tuple[np.ndarray, list[dict]]:
     """Every clip window of a cine for the cache: uint8 [n, T, S, S, 3] and one index row per clip."""
-    from EchoFMEngine.clinical.cycles import clip_windows
-    from EchoFMEngine.clinical.geometry import find_sector, prepare_frames
-
     windows = clip_windows(cine, frames, stride=stride)
     if full_cycle_only:
         windows = [w for w in windows if w.full_cycle]

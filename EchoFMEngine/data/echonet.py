@@ -13,6 +13,7 @@ from EchoFMEngine.data.datasets import EchoDataset
 from EchoFMEngine.data.files import normalise_split
 from EchoFMEngine.data.labels import is_missing, parse_float
 from EchoFMEngine.data.tracings import ed_es_frames, rasterise_tracing, read_volume_tracings, video_key
+from EchoFMEngine.io import load_cine
 
 FILELIST_COLUMNS = ("FileName", "EF", "Split")
 
@@ -23,8 +24,6 @@ class EchoNetDynamic(EchoDataset):
     name = "echonet"
 
     def index(self) -> None:
-        from EchoFMEngine.io import load_cine  # noqa: F401  (fail early if the readers are missing)
-
         filelist = self.root / "FileList.csv"
         if not filelist.exists():
             raise FileNotFoundError(f"{filelist}: missing (EchoNet-Dynamic layout: FileList.csv, Videos/, "
@@ -57,8 +56,6 @@ class EchoNetDynamic(EchoDataset):
             self.samples.append(sample)
 
     def load(self, sample) -> dict:
-        from EchoFMEngine.io import load_cine
-
         cine = load_cine(self.root / sample["rel"])
         h, w = cine.shape[1:]
         traced = self.tracings.get(sample["key"], {})

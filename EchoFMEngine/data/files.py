@@ -6,6 +6,9 @@ import os
 from pathlib import Path
 from typing import Iterable, Optional
 
+from EchoFMEngine.io import supported_suffixes
+from EchoFMEngine.io.dicom import is_dicom_file
+
 # Still images: readable, but they hold no cardiac cycle (DICOM files often have no suffix at all).
 STILL_SUFFIXES = (".png", ".jpg", ".jpeg")
 # Label files that sit beside images in public layouts (CAMUS "_gt"): never cines.
@@ -30,7 +33,6 @@ def strip_suffix(path) -> str:
 
 def is_dicom(path) -> bool:
     """True if the file has the DICOM preamble magic ('DICM' at byte 128)."""
-    from EchoFMEngine.io.dicom import is_dicom_file
     return is_dicom_file(path)
 
 
@@ -42,8 +44,6 @@ def is_label_file(path) -> bool:
 
 def cine_suffixes(include_stills: bool = False) -> tuple[str, ...]:
     """File endings the readers understand (stills only when asked: they hold no cycle)."""
-    from EchoFMEngine.io import supported_suffixes
-
     stills = set(STILL_SUFFIXES) | {".bmp"}
     return tuple(s for s in supported_suffixes() if include_stills or s not in stills)
 

@@ -28,6 +28,7 @@ from EchoFMEngine.data.datasets import EchoDataset
 from EchoFMEngine.data.files import find_cines, hash_split, normalise_split, relative_name
 from EchoFMEngine.data.labels import encode_label, is_missing, parse_float
 from EchoFMEngine.data.masks import check_mask, read_label_image
+from EchoFMEngine.io import load_cine
 
 MASK_SOURCES = ("corrected", "propagated", "model")     # EchoFMSlicerLib.export.FRAME_SOURCES
 
@@ -144,8 +145,6 @@ class CsvClips(EchoDataset):
         return out
 
     def load(self, sample) -> dict:
-        from EchoFMEngine.io import load_cine
-
         path = self.base / sample["rel"]
         cine = load_cine(path)
         masks = self._masks(sample, cine.num_frames, cine.shape[1:]) if sample["mask"] else {}
@@ -182,8 +181,6 @@ class FolderClips(EchoDataset):
                 self.samples.append(rel)
 
     def load(self, rel) -> dict:
-        from EchoFMEngine.io import load_cine
-
         cine = load_cine(self.root / rel)
         if cine.num_frames == 1:
             clip = still_clip(cine.frames[0], self.frames, self.size)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from EchoFMEngine.cine import CineReadError
@@ -23,8 +24,6 @@ def read_label_image(path) -> np.ndarray:
                 key = "masks" if "masks" in z.files else z.files[0]
                 arr = z[key]
         elif suf in (".png", ".bmp", ".tif", ".tiff"):
-            import cv2
-
             arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if arr is None:
                 raise ValueError("OpenCV could not decode it")
@@ -33,7 +32,7 @@ def read_label_image(path) -> np.ndarray:
                     raise ValueError("colour image, expected one label per pixel")
                 arr = arr[..., 0]
         else:
-            import SimpleITK as sitk
+            import SimpleITK as sitk  # deferred: SimpleITK is slow to import; only NRRD/NIfTI/MHA masks need it
 
             arr = sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
     except (ValueError, OSError, RuntimeError) as exc:

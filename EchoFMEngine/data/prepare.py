@@ -17,18 +17,25 @@ import argparse
 import csv
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+import cv2
 import numpy as np
+import torch
+from tqdm import tqdm
 
 from EchoFMEngine.data.cache import (DONE_FIELDS, FAILED_FIELDS, INDEX_FIELDS, CacheWriter, _read_csv,
                                      _write_csv_atomic, load_index, read_config, shard_name)
 from EchoFMEngine.data.files import find_cines, relative_name, scrub_paths
 from EchoFMEngine.runtime import distributed
+from EchoFMEngine.cine import CineReadError
+from EchoFMEngine.data.clips import cut_clips
+from EchoFMEngine.io import load_cine
 
 NO_CLIP = "no clip holding a full cardiac cycle"
 PART_FILE = "part.json"        # written by a part when its whole block has been visited
@@ -61,26 +68,13 @@ def _digest(names: list[str]) -> str:
 
 def _init_worker() -> None:
     """One thread per worker process: the pool provides the parallelism."""
-    try:
-        import cv2
-
-        cv2.setNumThreads(1)
-    except ImportError:
-        pass
-    try:
-        import torch
-
-        torch.set_num_threads(1)
-    except ImportError:
-        pass
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
 
 
 def process_source(task: tuple) -> tuple[str, Optional[np.ndarray], list[dict], Optional[str]]:
     """Load one source and cut its clips: (relative name, uint8 [n, T, S, S, 3] or None, rows, error)."""
     path, rel, frames, size, full_cycle_only, stride = task
-    from EchoFMEngine.cine import CineReadError
-    from EchoFMEngine.data.clips import cut_clips
-    from EchoFMEngine.io import load_cine
 
     try:
         cine = load_cine(path)
@@ -108,8 +102,6 @@ def prepare(src, out, frames: int = 32, size: int = 224, workers: int = 1, shard
     """Build or resume the cache; returns counts and the (source, reason) failures.
     ``shard=(i, N)``: only the i-th of N contiguous blocks of the sorted sources, into
     :func:`part_dir` (merge the parts with :func:`merge_parts`)."""
-    from tqdm import tqdm
-
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: source folder not found")
@@ -133,8 +125,6 @@ def prepare(src, out, frames: int = 32, size: int = 224, workers: int = 1, shard
     pool = None
     try:
         if workers > 1 and len(tasks) > 1:
-            import multiprocessing as mp
-
             pool = mp.get_context("spawn").Pool(min(workers, len(tasks)), initializer=_init_worker)
             results = pool.imap(process_source, tasks, chunksize=1)
         else:

@@ -15,6 +15,7 @@ from EchoFMEngine.data.clips import still_clip
 from EchoFMEngine.data.datasets import EchoDataset
 from EchoFMEngine.data.files import normalise_split
 from EchoFMEngine.data.labels import AS_GRADES, AS_TASKS, TMED2_VIEW_ALIASES, TMED2_VIEWS, encode_label, is_missing
+from EchoFMEngine.io import load_cine
 
 TASKS = ("view",) + tuple(AS_TASKS)
 SPLIT_COLUMNS = {"view": ("view_classifier_split", "split"), "as": ("diagnosis_classifier_split", "split")}
@@ -95,8 +96,6 @@ class Tmed2(EchoDataset):
             self.samples.append({"rel": rel, "label": label, "view": str(view)})
 
     def load(self, sample) -> dict:
-        from EchoFMEngine.io import load_cine
-
         cine = load_cine(self.root / sample["rel"])
         clip = still_clip(cine.frames[0], self.frames, self.size)
         return {"video": clip.video, "label": int(sample["label"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from EchoFMEngine.cine import Cine, CineReadError, SourceInfo
 
@@ -110,8 +111,6 @@ def read_array(path) -> Cine:
 
 def read_image(path) -> Cine:
     """Read a still image (PNG/JPEG/BMP) as a one-frame RGB cine; 16-bit grey is scaled to 8 bit."""
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
         with Image.open(path) as im:

@@ -11,6 +11,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import av
+import cv2
 import numpy as np
 
 from EchoFMEngine.cine import Cine, CineReadError, SourceInfo
@@ -51,8 +53,8 @@ def is_dicom_file(path) -> bool:
 
 
 def _read_dataset(path: Path, **kwargs):
-    import pydicom
-    from pydicom.errors import InvalidDicomError
+    import pydicom  # deferred: pydicom (0.4 s) loads when a DICOM file is read, not with every import of the io package
+    from pydicom.errors import InvalidDicomError  # deferred: as above
 
     try:
         return pydicom.dcmread(str(path), force=not is_dicom_file(path), **kwargs)
@@ -63,7 +65,7 @@ def _read_dataset(path: Path, **kwargs):
 
 
 def _transfer_syntax(ds):
-    from pydicom.uid import ImplicitVRLittleEndian
+    from pydicom.uid import ImplicitVRLittleEndian  # deferred: pydicom, as above
 
     meta = getattr(ds, "file_meta", None)
     return meta.get("TransferSyntaxUID", ImplicitVRLittleEndian) if meta is not None else ImplicitVRLittleEndian
@@ -86,7 +88,7 @@ def _missing_codec(ts, path: Path) -> CineReadError:
 
 def _check_decoder(ds, path: Path) -> None:
     """Fail early, naming the package to install, when no plugin can decode this transfer syntax."""
-    from pydicom.pixels import get_decoder
+    from pydicom.pixels import get_decoder  # deferred: pydicom, as above
 
     ts = _transfer_syntax(ds)
     if not ts.is_compressed or str(ts) in _VIDEO_SYNTAXES:
@@ -101,8 +103,7 @@ def _check_decoder(ds, path: Path) -> None:
 
 def _decode_video_syntax(ds, path: Path) -> np.ndarray:
     """MPEG-2 / H.264 / HEVC encapsulated pixel data: the fragments form one stream; decode with PyAV."""
-    import av
-    from pydicom.encaps import generate_fragments
+    from pydicom.encaps import generate_fragments  # deferred: pydicom, as above
 
     stream_bytes = b"".join(generate_fragments(ds.PixelData))
     frames = []
@@ -126,7 +127,7 @@ def _scale_monochrome(arr: np.ndarray, ds) -> np.ndarray:
     if arr.dtype == np.uint8:
         return arr
     if "WindowCenter" in ds or "VOILUTSequence" in ds:
-        from pydicom.pixels import apply_voi_lut
+        from pydicom.pixels import apply_voi_lut  # deferred: pydicom, as above
 
         try:
             w = np.asarray(apply_voi_lut(arr, ds), dtype=np.float64)
@@ -150,13 +151,7 @@ _YBR_TO_RGB = np.array([[1.0, 0.0, 1.402, -1.402 * 128],
 
 
 def ybr_full_to_rgb(arr: np.ndarray) -> np.ndarray:
-    """uint8 YBR_FULL ``[..., 3]`` to RGB (OpenCV when present: ~50x faster than pydicom's float path)."""
-    try:
-        import cv2
-    except ImportError:
-        from pydicom.pixels import convert_color_space
-
-        return convert_color_space(arr, "YBR_FULL", "RGB")
+    """uint8 YBR_FULL ``[..., 3]`` to RGB with OpenCV (~50x faster than pydicom's float path)."""
     flat = np.ascontiguousarray(arr).reshape(-1, arr.shape[-2], 3)
     return cv2.transform(flat, _YBR_TO_RGB).reshape(arr.shape)
 
@@ -165,8 +160,8 @@ def _decode_raw_colour(ds) -> tuple[np.ndarray, str]:
     """Decode without pydicom's colour conversion; returns the array and its actual photometric
     interpretation (JPEG decoders may already deliver RGB). Prefers the fastest plugin:
     Pillow (libjpeg-turbo) for JPEG baseline, pylibjpeg-rle for RLE."""
-    from pydicom.pixels import get_decoder
-    from pydicom.uid import JPEGBaseline8Bit, RLELossless
+    from pydicom.pixels import get_decoder  # deferred: pydicom, as above
+    from pydicom.uid import JPEGBaseline8Bit, RLELossless  # deferred: as above
 
     ts = _transfer_syntax(ds)
     decoder = get_decoder(ts)
@@ -184,7 +179,7 @@ def _decode_raw_colour(ds) -> tuple[np.ndarray, str]:
 
 def decode_frames(ds, path) -> np.ndarray:
     """Pixel data of a dataset as uint8 RGB ``[T, H, W, 3]`` (palette applied, YBR converted)."""
-    from pydicom.pixels import apply_color_lut
+    from pydicom.pixels import apply_color_lut  # deferred: pydicom, as above
 
     path = Path(path)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
@@ -234,8 +229,8 @@ def frame_timing(ds, n: int) -> tuple[float, np.ndarray | None, dict]:
     order = ["FrameTimeVector", "FrameTime", "CineRate", "RecommendedDisplayFrameRate"]
     pointer = ds.get("FrameIncrementPointer")
     if pointer is not None:
-        from pydicom.datadict import keyword_for_tag
-        from pydicom.multival import MultiValue
+        from pydicom.datadict import keyword_for_tag  # deferred: pydicom, as above
+        from pydicom.multival import MultiValue  # deferred: as above
 
         pointers = list(pointer) if isinstance(pointer, (list, tuple, MultiValue)) else [pointer]
         for tag in pointers:

@@ -42,7 +42,7 @@ def read_wfdb(record_path, lead: str | None = None) -> Ecg:
     # set_index(inplace=True), which is not the user's concern
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*inplace keyword.*")
-        import wfdb
+        import wfdb  # deferred: wfdb (with pandas) is slow to import; only WFDB records need it
 
     path = Path(record_path)
     base = path.with_suffix("") if path.suffix in (".hea", ".dat", ".atr") else path

@@ -1,8 +1,11 @@
 """AVI / MP4 / MOV cines: PyAV (FFmpeg) first, OpenCV as fallback; frames always RGB."""
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
+import av
+import cv2
 import numpy as np
 
 from EchoFMEngine.cine import Cine, CineReadError, SourceInfo
@@ -11,8 +14,6 @@ VIDEO_EXTENSIONS = (".avi", ".mp4", ".mov", ".m4v", ".mkv", ".webm", ".wmv", ".m
 
 
 def _read_pyav(path: Path) -> Cine:
-    import av
-
     with av.open(str(path)) as container:
         if not container.streams.video:
             raise CineReadError(path, "container has no video stream")
@@ -52,8 +53,6 @@ def _read_pyav(path: Path) -> Cine:
 
 
 def _read_opencv(path: Path) -> Cine:
-    import cv2
-
     cap = cv2.VideoCapture(str(path))
     try:
         if not cap.isOpened():
@@ -98,9 +97,6 @@ def write_video(path, frames: np.ndarray, fps: float, codec: str | None = None, 
 
     Default codec: MJPEG in ``.avi`` (like EchoNet-Dynamic), H.264 (yuv420p) otherwise.
     ``quality``: for MJPEG the qscale (2 best), for H.264 the CRF (0 lossless)."""
-    import av
-    from fractions import Fraction
-
     path = Path(path)
     f = np.asarray(frames)
     if f.ndim == 3:

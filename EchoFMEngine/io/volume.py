@@ -50,7 +50,7 @@ def _time_unit_scale(im, axis: str) -> float | None:
 
 def read_volume(path) -> Cine:
     """Read a 2D/3D/4D image file with SimpleITK as a cine ``[T, H, W, 3]`` (time = 3rd axis)."""
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred: SimpleITK is slow to import; only volume files need it
 
     path = Path(path)
     try:

@@ -7,13 +7,14 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Union
 
+from .config import EchoFMConfig, make_config   # std-lib only
+
 if TYPE_CHECKING:
-    from .config import EchoFMConfig
     from .echofm import EchoFM
 
 _LAZY = {
     "EchoFM": ".echofm",
-    "EchoFMConfig": ".config", "PRESETS": ".config", "make_config": ".config",
+    "PRESETS": ".config",
     "CheckpointError": ".files",
     "load_official_checkpoint": ".checkpoint", "save_pretrained": ".checkpoint", "load_pretrained": ".checkpoint",
 }
@@ -21,8 +22,7 @@ _LAZY = {
 
 def build_echofm(preset_or_config: Union[str, dict, EchoFMConfig] = "vit_l", **overrides) -> EchoFM:
     """Build an EchoFM from a preset name (``tiny``, ``vit_s``, ``vit_b``, ``vit_l``), a dict or a config."""
-    from .config import make_config
-    from .echofm import EchoFM           # torch: loaded when a model is built, not with the package
+    from .echofm import EchoFM  # deferred: torch loads when a model is built, not with the package
 
     return EchoFM(make_config(preset_or_config, **overrides))
 

@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from tqdm.auto import tqdm
+
 from .checkpoint import CheckpointError, load_official_checkpoint, save_pretrained
 from .registry import ModelStore, sha256_of
 
@@ -91,7 +93,6 @@ def _progress_class(progress: Optional[Callable[[int, Optional[int]], None]]):
     """A tqdm subclass that reports (bytes done, total) to ``progress`` (None: the default bar)."""
     if progress is None:
         return None
-    from tqdm.auto import tqdm
 
     class _Report(tqdm):
         def update(self, n=1):
@@ -116,8 +117,9 @@ def fetch(name: str, revision: Optional[str] = None, progress=None) -> dict:
     """Download (or find in the Hub cache) the release file; returns path, commit, etag, sha256.
 
     A file whose SHA-256 differs from the Hub's LFS ETag is deleted from the cache and rejected."""
+    # deferred: huggingface_hub reads HF_ENDPOINT / HF_HOME when imported, so it loads at download time
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError  # deferred: as above
 
     r = release(name)
     hub = _hub_settings()

@@ -19,6 +19,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import shlex
 import shutil
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -95,6 +96,7 @@ class ModelStore:
     def import_encoder(self, path: Union[str, Path], name: str, provenance: dict) -> dict:
         """Copy an encoder file (our safetensors format) in under ``name`` with its provenance
         (source, revision, licence, source_sha256) and its own SHA-256."""
+        # deferred: checkpoint loads torch; the models folder does without it
         from .checkpoint import read_pretrained_header
 
         src = weights_file(Path(path).expanduser())
@@ -170,8 +172,6 @@ class ModelStore:
 
     def import_command(self, task: str, file: str = "FILE") -> str:
         """The exact shell command that imports ``file`` for ``task`` into this folder."""
-        import shlex
-
         return (f"python -m EchoFMEngine models import {file} --task {task} "
                 f"--folder {shlex.quote(str(self.folder))}")
 
@@ -181,6 +181,7 @@ class ModelStore:
 
         ``task`` must agree with the task the checkpoint describes (a segmenter cannot serve
         view identification); when omitted, the checkpoint's own task is used."""
+        # deferred: task_checkpoint loads torch, as above
         from .task_checkpoint import read_task_description, validate_task_file
 
         src = weights_file(Path(path).expanduser())

@@ -8,6 +8,8 @@ from typing import Optional
 
 import torch
 
+from ..atomic import RunLock
+
 _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 
@@ -42,8 +44,6 @@ def save_checkpoint(out: Path, step: int, state: dict, keep_last: int = 3) -> Pa
 def run_lock(out, what: str):
     """Own the run folder ``out`` (a second training into it is refused, naming the first) and
     remove temporary checkpoint files a killed writer left (they can only be stale while we hold it)."""
-    from ..atomic import RunLock
-
     lock = RunLock(out, what).acquire()
     d = checkpoint_dir(out)
     if d.is_dir():

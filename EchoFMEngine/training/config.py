@@ -18,6 +18,7 @@ from typing_extensions import Annotated, Literal
 from ..configs import find_config
 from ..tasks import HEAD_DEFAULTS
 from ..tasks import TASK_NAMES as FINETUNE_TASKS
+from ..models.registry import resolve_ref
 
 # Every key a pretraining config may hold, with its default. Model keys are checked by EchoFMConfig.
 DEFAULTS = {
@@ -328,8 +329,6 @@ def load_config(path: Union[str, Path, None] = None, overrides: list[str] = ()) 
         raise ConfigError("\n  ".join(errors))
     validate_config(cfg)
     if isinstance(cfg.get("init_from"), str) and cfg["init_from"].startswith("models:"):
-        from ..models.registry import resolve_ref      # `init_from: models:echofm-vitl` -> checked file
-
         cfg["init_from"] = resolve_ref(cfg["init_from"])
     return cfg
 

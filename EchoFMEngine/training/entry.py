@@ -5,6 +5,7 @@ how overrides and resuming work."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from ..configs import CONFIG_DIR
@@ -80,7 +81,6 @@ def cli(argv: list[str]) -> int:
     if not isinstance(task, str) or task not in LOOPS:
         print(f"error: task {task!r} has no training loop; known: {sorted(LOOPS)}", file=sys.stderr)
         return 2
-    import importlib
     return importlib.import_module(LOOPS[task]).cli(argv)
 
 
@@ -99,6 +99,7 @@ def finetune_cli(argv: list[str]) -> int:
                   file=sys.stderr)
             return 2
     elif "--config" not in argv:
+        # deferred: finetune loads the model stack; other tasks dispatch by name through LOOPS
         from .finetune import cli as finetune
         return finetune(argv)            # --help, or the view task on phantoms by default
     return cli(argv)

@@ -94,7 +94,7 @@ class RunLog:
         self.tb = None
         if self.enabled and tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter   # optional: tensorboard may be absent
+                from torch.utils.tensorboard import SummaryWriter  # deferred: optional, tensorboard may be absent
                 self.tb = SummaryWriter(str(Path(out) / "tensorboard"))
             except ImportError:
                 pass

@@ -22,6 +22,9 @@ from EchoFMEngine.cine import Cine, SourceInfo
 
 from .ecg_nodes import CHART_ROLE, ECG_ROLE, ecg_plot, ecg_to_table, table_to_ecg
 from .scene import Logics, add_node, all_or_nothing, logics_for, write_node
+from EchoFMEngine import load_cine
+from EchoFMEngine.clinical.ecg import detect_r_peaks
+from EchoFMEngine.io.arrays import to_uint8
 
 ROLE = "EchoFM.role"
 META = "EchoFM.cineMeta"
@@ -117,8 +120,6 @@ def _meta(cine: Cine, grey: bool, r_peaks: Optional[np.ndarray], notes: list) ->
 
 
 def _r_peaks(cine: Cine, notes: list) -> Optional[np.ndarray]:
-    from EchoFMEngine.clinical.ecg import detect_r_peaks
-
     try:
         peaks = detect_r_peaks(cine.ecg.signal, cine.ecg.fs)
     except Exception as exc:  # a poor ECG must not stop the images from loading
@@ -178,8 +179,6 @@ def cine_to_nodes(scene, cine: Cine, name: str, logics: Optional[Logics] = None)
 
 def load_cine_file(scene, path, logics: Optional[Logics] = None, name: Optional[str] = None) -> CineNodes:
     """Read a file with the engine's reader (DICOM, AVI/MP4, NRRD, NIfTI, ...) into cine nodes."""
-    from EchoFMEngine import load_cine
-
     path = Path(path)
     cine = load_cine(path)  # CineReadError (a ValueError) names the file and the reason
     if name is None:
@@ -214,8 +213,6 @@ def _not_a_cine(node) -> ValueError:
 
 def _frames_from_items(seq) -> tuple:
     """uint8 RGB frames [T, H, W, 3] and the first item's spacing (col_mm, row_mm) from a volume sequence."""
-    from EchoFMEngine.io.arrays import to_uint8
-
     n = seq.GetNumberOfDataNodes()
     if n == 0:
         raise ValueError(f"sequence {seq.GetName()!r} is empty")

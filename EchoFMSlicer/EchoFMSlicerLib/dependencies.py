@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import inspect
 import importlib.util
+import inspect
 import re
 import sys
 from dataclasses import dataclass, field
@@ -72,7 +72,7 @@ def engine_requirements(pyproject: Optional[Path] = None) -> list[str]:
     path = Path(pyproject) if pyproject is not None else find_pyproject()
     if path is not None:
         try:
-            import tomllib
+            import tomllib  # deferred: optional, Python < 3.11 has no tomllib
         except ModuleNotFoundError:        # Python < 3.11
             tomllib = None
         text = path.read_text(encoding="utf-8")
@@ -113,8 +113,9 @@ def is_satisfied(req: Requirement) -> bool:
     if not req.specifier:
         return True
     try:
+        # deferred: packaging may be absent from a bare Slicer Python
         from packaging.specifiers import InvalidSpecifier, SpecifierSet
-        from packaging.version import InvalidVersion
+        from packaging.version import InvalidVersion  # deferred: as above
     except ModuleNotFoundError:
         return True                        # cannot compare versions here: presence is enough
     try:
@@ -232,6 +233,7 @@ def run_pip(requirements: Sequence[str], pip_install=None, pip_ensure=None, requ
     ensure = slicer_pip_ensure() if pip_ensure is None else pip_ensure
     if ensure is not None:
         try:
+            # deferred: packaging may be absent, as above
             from packaging.requirements import Requirement as PackagingRequirement
         except ModuleNotFoundError:
             ensure = None

@@ -25,6 +25,7 @@ import numpy as np
 from EchoFMEngine.cine import Cine
 
 from .segmentation_nodes import MAX_LABEL, SOURCES
+from EchoFMEngine import __version__
 
 DATASET_CSV = "dataset.csv"
 COLUMNS = ["path", "split", "view", "mask_path", "mask_frames", "ed_source", "es_source", "study_id",
@@ -63,7 +64,7 @@ def _write_atomic(path: Path, write) -> None:
 
 
 def _write_masks(path: Path, stack: np.ndarray, spacing_mm) -> None:
-    import SimpleITK as sitk
+    import SimpleITK as sitk  # deferred: SimpleITK is slow to import; only writing label maps needs it
 
     img = sitk.GetImageFromArray(np.ascontiguousarray(stack, dtype=np.uint8))
     if spacing_mm:
@@ -212,7 +213,6 @@ def write_report(folder, measurements: dict, *, study_id: str = "study", cine: O
     for p, info in masks.items():
         if info.get("source") not in SOURCES:
             raise ValueError(f"mask {p}: source must be one of {SOURCES}, got {info.get('source')!r}")
-    from EchoFMEngine import __version__
 
     report = {"format": REPORT_FORMAT, "study_id": study_id, "engine_version": __version__,
               "view": view, "phase": phase, "masks": masks,

@@ -42,7 +42,7 @@ SOURCE_ATTRIBUTE = "EchoFM.SourceFile"      # browser attribute: the file a cine
 def _tasks() -> list:
     """The engine's task names (EchoFMEngine.tasks), segmentation, the panel's main job, first. Read on
     first use: this file loads before the engine may be importable (see the module docstring)."""
-    from EchoFMEngine.tasks import TASK_NAMES, get_task
+    from EchoFMEngine.tasks import TASK_NAMES, get_task  # deferred: the module docstring says why
 
     return sorted(TASK_NAMES, key=lambda t: get_task(t).kind != "segmentation")
 
@@ -91,7 +91,7 @@ class EchoFMLogic:
     def engine_root() -> Path:
         """The folder holding EchoFMEngine and Resources/configs (a source checkout, or the extension's
         module path)."""
-        import EchoFMEngine
+        import EchoFMEngine  # deferred: the module docstring says why
         return Path(EchoFMEngine.__file__).resolve().parent.parent
 
     @classmethod
@@ -144,6 +144,7 @@ class EchoFMLogic:
     @staticmethod
     def default_models_folder() -> Path:
         """``$ECHOFM_MODELS`` or ``~/.echofm/models``: the engine's rule (EchoFMEngine.models.registry)."""
+        # deferred: the module docstring says why
         from EchoFMEngine.models.registry import default_folder   # std-lib only; engine loads on first use
 
         return default_folder()
@@ -151,6 +152,7 @@ class EchoFMLogic:
     @staticmethod
     def models_status(folder) -> str:
         """Which tasks the models folder serves, read from its manifest (no weights loaded)."""
+        # deferred: the module docstring says why
         from EchoFMEngine.models.registry import CheckpointError, ModelStore   # std-lib only, as above
 
         store = ModelStore(folder)
@@ -181,7 +183,7 @@ class EchoFMLogic:
     @staticmethod
     def released_weights_notice(name: str = "echofm-vitl") -> str:
         """Text for the confirmation dialog before downloading released weights (source + licence)."""
-        from EchoFMEngine.models.hub import licence_notice
+        from EchoFMEngine.models.hub import licence_notice  # deferred: the module docstring says why
 
         return licence_notice(name)
 
@@ -208,6 +210,7 @@ class EchoFMLogic:
     @staticmethod
     def encoder_status(models_folder) -> str:
         """Pretrained encoders in the models folder with source, revision and licence."""
+        # deferred: the module docstring says why
         from EchoFMEngine.models.registry import CheckpointError, ModelStore   # std-lib only, as above
 
         try:
@@ -223,6 +226,7 @@ class EchoFMLogic:
     def current_model(task: str, models_folder) -> Optional[Path]:
         """The weights file the models folder serves for ``task`` (from its manifest), or None. Not hashed
         here (the panel asks often); the analysis checks the SHA-256 before it loads the file."""
+        # deferred: the module docstring says why
         from EchoFMEngine.models.registry import CheckpointError, ModelStore   # std-lib only, as above
 
         try:
@@ -233,7 +237,7 @@ class EchoFMLogic:
     # ------------------------------------------------------------------ input
     def load_cine(self, path):
         """Read a file or DICOM folder with the engine's reader into a sequence + browser (+ ECG)."""
-        from . import cine_nodes
+        from . import cine_nodes  # deferred: the module docstring says why
         nodes = cine_nodes.load_cine_file(self.scene, path, logics=self.logics)   # all or nothing
         nodes.browser.SetAttribute(SOURCE_ATTRIBUTE, str(Path(path).resolve()))
         self._cine_nodes[nodes.browser.GetID()] = nodes
@@ -245,7 +249,7 @@ class EchoFMLogic:
             raise ValueError("no cine loop selected: pick a sequence browser or load a file")
         nodes = self._cine_nodes.get(browser.GetID())
         if nodes is None or nodes.browser is not browser:      # IDs are reused after a scene close
-            from . import cine_nodes
+            from . import cine_nodes  # deferred: the module docstring says why
             nodes = cine_nodes.cine_nodes_from_browser(browser, self.logics)
             self._cine_nodes[browser.GetID()] = nodes
         return nodes
@@ -253,12 +257,12 @@ class EchoFMLogic:
     @staticmethod
     def cine(browser):
         """The engine's Cine (frames, times, spacing, ECG) of what a browser shows."""
-        from . import cine_nodes
+        from . import cine_nodes  # deferred: the module docstring says why
         return cine_nodes.nodes_to_cine(browser)
 
     def check_analysable(self, browser) -> list:
         """ValueError naming why the cine cannot be analysed; else its caveats (e.g. no spacing)."""
-        from . import cine_nodes
+        from . import cine_nodes  # deferred: the module docstring says why
         return cine_nodes.check_analysable(self.cine(browser))
 
     @staticmethod
@@ -317,7 +321,7 @@ class EchoFMLogic:
     def correction_volume(self, browser, frame: int):
         """A fixed copy of ``frame`` to correct its mask on (see cine_nodes.fixed_frame_volume), shown as
         the slice views' background; playback is stopped so the ECG marker stays on that frame."""
-        from . import cine_nodes
+        from . import cine_nodes  # deferred: the module docstring says why
         nodes = self.cine_nodes(browser)
         volume = cine_nodes.fixed_frame_volume(nodes, int(frame))
         browser.SetPlaybackActive(False)
@@ -327,14 +331,14 @@ class EchoFMLogic:
 
     def update_frame_marker(self, browser) -> None:
         """Move the ECG chart's current-frame marker to the browser's frame."""
-        from . import ecg_nodes
+        from . import ecg_nodes  # deferred: the module docstring says why
         nodes = self._cine_nodes.get(browser.GetID())
         if nodes is not None and nodes.browser is browser and nodes.ecg_chart is not None:
             ecg_nodes.update_frame_marker(nodes.ecg_chart, browser)
 
     def go_to_frame(self, browser, frame: int):
         """Show ``frame`` and return the proxy volume (the Segment Editor's source volume)."""
-        from . import cine_nodes
+        from . import cine_nodes  # deferred: the module docstring says why
         nodes = self.cine_nodes(browser)
         cine_nodes.go_to_frame(nodes, int(frame), self.logics)
         return nodes.proxy
@@ -346,7 +350,7 @@ class EchoFMLogic:
         source = browser.GetAttribute(SOURCE_ATTRIBUTE)
         if source and Path(source).exists():
             return Path(source)
-        import numpy as np
+        import numpy as np  # deferred: the module docstring says why
         cine = self.cine(browser)
         path = Path(work_folder) / "cine.npz"
         arrays = {"frames": cine.frames, "fps": np.float64(cine.fps)}
@@ -380,7 +384,7 @@ class EchoFMLogic:
 
     def apply_analysis(self, browser, out_folder) -> dict:
         """Result files (contract D) -> segmentation sequence, ED/ES masks, table, plot (all or nothing)."""
-        from . import results
+        from . import results  # deferred: the module docstring says why
         folder = self.study_folder(out_folder)
         return results.apply_analysis_result(self.scene, self.cine_nodes(browser), folder, self.logics)
 
@@ -395,7 +399,7 @@ class EchoFMLogic:
 
     def detect_phase(self, browser) -> dict:
         """ED/ES from the ECG, else the images (in-process: no model needed, fast)."""
-        from EchoFMEngine.clinical.phase import detect_ed_es
+        from EchoFMEngine.clinical.phase import detect_ed_es  # deferred: the module docstring says why
         return detect_ed_es(self.cine(browser)).to_dict()
 
     @staticmethod
@@ -409,7 +413,7 @@ class EchoFMLogic:
     # ------------------------------------------------------------------ masks
     def segment_editor_node(self):
         """The module's own Segment Editor node, set so that segments may overlap (LV_epi holds LV_endo)."""
-        from . import segmentation_nodes
+        from . import segmentation_nodes  # deferred: the module docstring says why
         node = self.scene.GetSingletonNode("EchoFM", "vtkMRMLSegmentEditorNode")
         if node is None:
             node = self.scene.CreateNodeByClass("vtkMRMLSegmentEditorNode")
@@ -421,7 +425,7 @@ class EchoFMLogic:
 
     def ed_es_segmentations(self, browser, labels, ed_frame: int, es_frame: int):
         """ED and ES segmentation nodes (AI copy + editable corrected copy) from label maps [T,H,W]."""
-        from . import segmentation_nodes
+        from . import segmentation_nodes  # deferred: the module docstring says why
         with self.scene_guard():
             return segmentation_nodes.ed_es_segmentations(self.scene, self.cine_nodes(browser), labels,
                                                           int(ed_frame), int(es_frame), logics=self.logics)
@@ -429,8 +433,8 @@ class EchoFMLogic:
     def create_empty_masks(self, browser, ed_frame: int, es_frame: int):
         """Empty editable ED and ES segmentations (LV_endo, LV_epi, LA) to draw by hand when no
         segmentation model is available; they count as "corrected" (made by a person)."""
-        import numpy as np
-        from . import segmentation_nodes
+        import numpy as np  # deferred: the module docstring says why
+        from . import segmentation_nodes  # deferred: the module docstring says why
         nodes = self.cine_nodes(browser)
         if int(ed_frame) == int(es_frame):
             raise ValueError(f"ED and ES are the same frame ({ed_frame}): set them apart first (Detect ED/ES)")
@@ -447,19 +451,19 @@ class EchoFMLogic:
 
     def labels(self, seg, browser):
         """uint8 label map [H, W] (0-3) of a segmentation on the cine's frame grid."""
-        from . import segmentation_nodes
+        from . import segmentation_nodes  # deferred: the module docstring says why
         return segmentation_nodes.segmentation_to_labels(seg, self.cine_nodes(browser).proxy)
 
     @staticmethod
     def ai_segmentation(seg):
         """The hidden model-output node kept behind an editable ED/ES segmentation (None if none)."""
-        from . import segmentation_nodes
+        from . import segmentation_nodes  # deferred: the module docstring says why
         return segmentation_nodes.ai_copy(seg)
 
     def reset_to_ai(self, seg) -> None:
         """Undo all corrections of an ED/ES segmentation: its segments become the AI copy's again."""
-        import numpy as np
-        from . import segmentation_nodes
+        import numpy as np  # deferred: the module docstring says why
+        from . import segmentation_nodes  # deferred: the module docstring says why
         ai = self.ai_segmentation(seg)
         if ai is None:
             raise ValueError(f"{seg.GetName()!r} has no AI copy to reset to")
@@ -470,14 +474,14 @@ class EchoFMLogic:
     @staticmethod
     def mask_frame(seg, default=None):
         """The cine frame an ED/ES segmentation belongs to (its EchoFM.frame attribute), else ``default``."""
-        from . import segmentation_nodes
+        from . import segmentation_nodes  # deferred: the module docstring says why
         value = seg.GetAttribute(segmentation_nodes.FRAME_ATTR) if seg is not None else None
         return int(value) if value not in (None, "") else default
 
     @staticmethod
     def provenance(seg) -> dict:
         """Whether a mask is still the model's output or was corrected (changed pixels per segment)."""
-        from . import segmentation_nodes
+        from . import segmentation_nodes  # deferred: the module docstring says why
         return segmentation_nodes.mask_provenance(seg)
 
     def set_ai_visible(self, seg, visible: bool) -> None:
@@ -500,7 +504,7 @@ class EchoFMLogic:
         segmentation sequence with per-frame source corrected/propagated, the LV volume curve and
         EDV/ESV/EF. The user's nodes are not touched; bad input or Cancel leaves the scene as it was.
         Returns an EchoFMSlicerLib.propagation.PropagationResult (``undo_propagation`` removes it)."""
-        from . import propagation
+        from . import propagation  # deferred: the module docstring says why
         known = self.propagation_input(browser, segs)
         labels, m = propagation.compute_propagation(self.cine(browser), known, progress=progress, cancel=cancel)
         return self.add_propagation(browser, known, labels, m)
@@ -509,12 +513,12 @@ class EchoFMLogic:
         """``{frame: label map}`` of the drawn segmentations ``segs``: what :meth:`propagate` tracks. With
         ``propagation.compute_propagation`` (no scene: a worker thread may run it) and
         :meth:`add_propagation`, the three steps of :meth:`propagate` for a caller that must stay live."""
-        from . import propagation
+        from . import propagation  # deferred: the module docstring says why
         return propagation.known_frames(list(segs), self.cine_nodes(browser).proxy)
 
     def add_propagation(self, browser, known: dict, labels, m: dict):
         """The computed propagation into the scene (undone by :meth:`undo_propagation`)."""
-        from . import propagation
+        from . import propagation  # deferred: the module docstring says why
         with self.scene_guard():
             result = propagation.add_propagation(self.scene, self.cine_nodes(browser), known, labels, m,
                                                  logics=self.logics)
@@ -523,7 +527,7 @@ class EchoFMLogic:
 
     def undo_propagation(self, browser) -> bool:
         """Remove the last propagation of this cine (its sequence, table and plot); False if none."""
-        from . import propagation
+        from . import propagation  # deferred: the module docstring says why
         stack = self.__dict__.get("_propagations", {}).get(browser.GetID()) if browser is not None else None
         if not stack:
             return False
@@ -534,7 +538,7 @@ class EchoFMLogic:
     def measure(self, browser, ed_seg, es_seg, analysis_folder: str = ""):
         """EDV, ESV, EF, LA volume from the current (corrected) masks -> a table node, and the LV volume
         curve of the analysis with its ED/ES points replaced by the corrected volumes. Returns (dict, table)."""
-        from . import measurements
+        from . import measurements  # deferred: the module docstring says why
         if ed_seg is None or es_seg is None:
             raise ValueError("ED and ES masks are needed: run Analyze (with a segment model) or load masks")
         nodes = self.cine_nodes(browser)
@@ -566,7 +570,7 @@ class EchoFMLogic:
 
     def volume_curve(self, analysis_folder, nodes, m: dict):
         """(times, volumes) over all frames from the analysis, ED/ES replaced by ``m``; None without one."""
-        from . import ecg_nodes
+        from . import ecg_nodes  # deferred: the module docstring says why
         result = self.analysis_result(analysis_folder)
         vols = list(((result or {}).get("measurements") or {}).get("lv_volume") or [])
         if len(vols) != nodes.num_frames:
@@ -582,7 +586,7 @@ class EchoFMLogic:
     def export(self, folder, browser, ed_seg, es_seg, analysis_folder: str = "") -> list:
         """The ED/ES masks (marked "corrected" or "AI" by whether they differ from the model's output),
         their cine and a report (JSON + CSV) in the fine-tuning dataset layout. Returns the paths."""
-        from . import export, measurements, segmentation_nodes
+        from . import export, measurements, segmentation_nodes  # deferred: the module docstring says why
         if _unset(folder):
             raise ValueError("choose an export folder first")
         if ed_seg is None or es_seg is None:
@@ -625,6 +629,7 @@ class EchoFMLogic:
                      f"run.out={run_folder}", f"run.steps={int(steps)}", f"run.device={device}"]
         start = self.current_model("segment", models_folder) if not _unset(models_folder) else None
         if start is not None:
+            # deferred: the module docstring says why
             from EchoFMEngine.models.task_checkpoint import read_task_description
             size = read_task_description(start).get("input") or {}
             overrides += [f"init_from={start}", f"model.img_size={int(size['height'])}",

@@ -15,6 +15,7 @@ import vtk
 from .ecg_nodes import table_from_columns
 from .scene import add_node, all_or_nothing
 from .segmentation_nodes import mask_provenance, segmentation_to_labels
+from EchoFMEngine.clinical.measure import cardiac_measurements
 
 
 def measure_from_segmentations(ed_seg, es_seg, reference, spacing_mm, method: str = "discs") -> dict:
@@ -23,8 +24,6 @@ def measure_from_segmentations(ed_seg, es_seg, reference, spacing_mm, method: st
     Keys: ``unit``, ``area_unit``, ``method``, ``edv``, ``esv``, ``ef_percent``, ``la_volume``,
     ``ed_area``, ``es_area``, ``ed_frame``, ``es_frame``, ``masks`` ({"ED": provenance, "ES": ...}),
     ``notes``. Volumes are ml with ``spacing_mm`` (row, col), px^3 without; None when not measurable."""
-    from EchoFMEngine.clinical.measure import cardiac_measurements
-
     ed_lab = segmentation_to_labels(ed_seg, reference)
     es_lab = segmentation_to_labels(es_seg, reference)
     if ed_lab.shape != es_lab.shape:

@@ -16,7 +16,11 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .scene import Logics, all_or_nothing
-from . import segmentation_nodes as sn
+from . import measurements as meas, segmentation_nodes as sn
+from .ecg_nodes import frame_marker_time
+from EchoFMEngine.clinical.measure import cardiac_measurements
+from EchoFMEngine.clinical.phase import detect_ed_es
+from EchoFMEngine.clinical.propagate import propagate_masks
 
 SOURCE = "propagated"
 FRAME_SOURCES_ATTR = "EchoFM.frameSources"
@@ -59,9 +63,6 @@ def known_frames(segs: Sequence, reference) -> dict:
 
 def measure_curve(cine, labels: np.ndarray) -> dict:
     """LV volume per frame, ED/ES (ECG first, else the propagated LV curve), EDV/ESV/EF per beat."""
-    from EchoFMEngine.clinical.measure import cardiac_measurements
-    from EchoFMEngine.clinical.phase import detect_ed_es
-
     phase = detect_ed_es(cine, masks=labels, lv_labels=(1,))
     m = cardiac_measurements(labels, cine.spacing_mm, phase.ed_frames, phase.es_frames,
                              expected_shape=cine.shape)
@@ -73,8 +74,6 @@ def compute_propagation(cine, known: dict, progress: Optional[Callable[[float, s
                         cancel: Optional[Callable[[], bool]] = None) -> tuple:
     """(label maps of every frame, their measurements) from ``known`` (:func:`known_frames`). Touches no
     scene, so it may run in a worker thread (the web app does, to keep its page live)."""
-    from EchoFMEngine.clinical.propagate import propagate_masks
-
     labels = propagate_masks(cine, known, progress=progress, cancel=cancel)   # checks the input
     return labels, measure_curve(cine, labels)
 
@@ -82,9 +81,6 @@ def compute_propagation(cine, known: dict, progress: Optional[Callable[[float, s
 def add_propagation(scene, cine_nodes, known: dict, labels: np.ndarray, m: dict, logics: Optional[Logics] = None,
                     name: Optional[str] = None) -> PropagationResult:
     """Put one computed propagation into the scene (sequence in the cine's browser, table, volume plot)."""
-    from . import measurements as meas
-    from .ecg_nodes import frame_marker_time
-
     T = labels.shape[0]
     sources = ["corrected" if f in known else SOURCE for f in range(T)]
     base = cine_nodes.sequence.GetName()

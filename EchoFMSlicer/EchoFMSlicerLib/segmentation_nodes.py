@@ -10,6 +10,7 @@ gave them. The model's output ("AI") is kept in its own hidden node; the user ed
 from __future__ import annotations
 
 import json
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -383,9 +384,7 @@ def save_segmentation_sequence(seq, path) -> Path:
 
 def read_segmentation_sequence_mrb(path) -> list:
     """``[(index value, slicerio segmentation dict), ...]`` from a ``.seq.mrb``, without Slicer."""
-    import tempfile
-
-    import slicerio
+    import slicerio  # deferred: slicerio is optional (the test extra); only reading .seq.mrb without Slicer needs it
 
     with zipfile.ZipFile(path) as z, tempfile.TemporaryDirectory() as tmp:
         z.extractall(tmp)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
 import sys
 import time
 from pathlib import Path
@@ -48,11 +49,11 @@ def main(argv=None) -> int:
         if len(args.paths) != 1:
             print("--bench needs exactly one cine PATH", file=sys.stderr)
             return 2
-        from .bench import main as bench
+        from .bench import main as bench  # deferred: the benchmark loads Chromium's driver; only --bench needs it
         return bench(args.paths[0])
-    import logging
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
     logging.getLogger("EchoFM").setLevel(logging.INFO)  # ours at INFO; trame's INFO is thousands of lines per start
+    # deferred: trame and Slicer's core load after argument checks, so --help and errors stay fast
     from .app import EchoFMWebApp
     app = EchoFMWebApp(models_folder=args.models, export_folder=args.export)
     log = logging.getLogger("EchoFM.web")

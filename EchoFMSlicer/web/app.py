@@ -31,9 +31,11 @@ from trame_slicer.segmentation import (SegmentationEffectDraw, SegmentationEffec
 from trame_slicer.segmentation.segmentation_overwrite_mode import SegmentationOverwriteMode  # noqa: E402
 from trame_slicer.views import (Layout, LayoutDirection, NoScheduleRendering, SliceView,  # noqa: E402
                                 ViewLayoutDefinition, ViewType)
+import numpy as np                                                 # noqa: E402
 from undo_stack import UndoStack                                   # noqa: E402
 
-from EchoFMSlicerLib import propagation                            # noqa: E402
+from EchoFMEngine.clinical.propagate import PropagationCancelled   # noqa: E402
+from EchoFMSlicerLib import ecg_nodes, propagation, segmentation_nodes  # noqa: E402
 from EchoFMSlicerLib.logic import EchoFMLogic                      # noqa: E402
 
 log = logging.getLogger("EchoFM.web")
@@ -73,7 +75,7 @@ def _slice_view(**kw):
 def _png(fig) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: matplotlib, loaded when a plot is drawn
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
@@ -92,9 +94,9 @@ def _beat_rows(cycles) -> list:
 
 
 def _figure():
-    import matplotlib
+    import matplotlib  # deferred: matplotlib, as above
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as above
     fig = plt.figure(figsize=(5.0, 1.6))
     ax = fig.add_axes([PLOT_BOX[0], PLOT_BOX[1], PLOT_BOX[2] - PLOT_BOX[0], PLOT_BOX[3] - PLOT_BOX[1]])
     ax.tick_params(labelsize=7)
@@ -280,7 +282,6 @@ class EchoFMWebApp:
 
     # ------------------------------------------------------------------ plots
     def _times(self):
-        from EchoFMSlicerLib import ecg_nodes
         return [ecg_nodes.frame_marker_time(self.browser, i) for i in range(self.nodes.num_frames)]
 
     def _marker_fraction(self, frame: int) -> float:
@@ -288,7 +289,6 @@ class EchoFMWebApp:
         lim = getattr(self, "_ecg_xlim", None)
         if not lim or self.browser is None:
             return -1.0
-        from EchoFMSlicerLib import ecg_nodes
         t = ecg_nodes.frame_marker_time(self.browser, frame)
         frac = (t - lim[0]) / max(lim[1] - lim[0], 1e-9)
         return round(PLOT_BOX[0] + frac * (PLOT_BOX[2] - PLOT_BOX[0]), 4)
@@ -299,8 +299,6 @@ class EchoFMWebApp:
         if ecg is None:
             self.state.ecg_img, self.state.ecg_marker = "", -1.0
             return
-        import numpy as np
-        from EchoFMSlicerLib import ecg_nodes
         t = ecg.t0_s + np.arange(ecg.signal.size) / ecg.fs
         fig, ax = _figure()
         ax.plot(t, ecg.signal, lw=0.8, color="#2e7d32")
@@ -400,7 +398,6 @@ class EchoFMWebApp:
         # meanwhile never puts another frame under the mask (threshold reads the source volume)
         self.editor.set_active_segmentation(seg, self.logic.correction_volume(self.browser, frame))
         self._fixed_frame = frame
-        from EchoFMSlicerLib import segmentation_nodes
         segmentation_nodes.configure_segment_editor(self.editor.editor_node)   # the panel's settings
         self.editor.set_overwrite_mode(SegmentationOverwriteMode.ALLOW_OVERLAP)
         self.logic.show_segmentations(seg, self.es_seg if which == "ED" else self.ed_seg, self.state.show_ai)
@@ -478,8 +475,6 @@ class EchoFMWebApp:
         self._prop_task = asyncio.ensure_future(self._propagation(self.browser, self.logic.cine(self.browser), known))
 
     async def _propagation(self, browser, cine, known):
-        from EchoFMEngine.clinical.propagate import PropagationCancelled   # engine's tracker: cv2, scipy
-
         def progress(fraction, message):              # worker thread: only a plain attribute
             self._prop_report = (fraction, message)
         job = asyncio.get_running_loop().run_in_executor(

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .cdp import Chromium, free_port
+
 REPO = Path(__file__).resolve().parents[2]
 
 # [x, y, w, h] of the slice view's image once it has pixels (trame-rca draws into an <img>), else null
@@ -109,7 +111,6 @@ def _summary(values) -> dict:
 
 
 async def _bench(path: str, n_frames: int, work: Path) -> dict:
-    from .cdp import Chromium, free_port
     exe = chromium_path()
     if exe is None:
         raise SystemExit("the benchmark needs Chromium (apt-get install chromium)")
