@@ -16,6 +16,12 @@ class CineReadError(ValueError):
         super().__init__(f"{self.path}: {reason}")
 
 
+def luma(frames: np.ndarray) -> np.ndarray:
+    """Luma of uint8 RGB frames ``[..., 3]`` as float32 in [0, 1] (ITU-R BT.601 weights)."""
+    f = frames.astype(np.float32)
+    return (0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]) / 255.0
+
+
 @dataclass
 class Ecg:
     """One ECG lead sampled at ``fs`` Hz; ``t0_s`` is the time of sample 0 relative to frame 0."""
@@ -110,5 +116,4 @@ class Cine:
 
     def grey(self) -> np.ndarray:
         """Luma ``[T, H, W]`` float32 in [0, 1] (ITU-R BT.601 weights)."""
-        f = self.frames.astype(np.float32)
-        return (0.299 * f[..., 0] + 0.587 * f[..., 1] + 0.114 * f[..., 2]) / 255.0
+        return luma(self.frames)

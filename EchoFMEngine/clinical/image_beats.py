@@ -15,13 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import cv2
 import numpy as np
 from scipy import ndimage
 from scipy.signal import detrend, find_peaks
 from skimage.filters import threshold_otsu
 from skimage.transform import resize
 
-from EchoFMEngine.cine import Cine
+from EchoFMEngine.cine import Cine, luma
 from EchoFMEngine.clinical.geometry import find_sector
 
 SIGNAL_SIZE = 96          # the signal is computed at this many pixels (long side)
@@ -55,15 +56,21 @@ class ImageBeats:
 def _upper_sector(cine: Cine) -> tuple[np.ndarray, np.ndarray]:
     """The frames cropped to the scan sector (``geometry.find_sector``), reduced to ~96 px and
     smoothed against speckle, and the mask of the sector's upper part where apical views show the
-    ventricles: ``([T, h, w] float32, [h, w] bool)``."""
-    grey = cine.grey()
-    T, H, W = grey.shape
+    ventricles: ``([T, h, w] float32, [h, w] bool)``. Frames are cropped and reduced before the
+    conversion to float, so an 800x600 cine costs little more than a small one."""
+    T, H, W = cine.shape
     sector = find_sector(cine.frames)
     if sector is None or not sector.any():
         sector = np.ones((H, W), dtype=bool)
     rows, cols = np.flatnonzero(sector.any(1)), np.flatnonzero(sector.any(0))
-    grey = grey[:, rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    frames = cine.frames[:, rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
     sector = sector[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    if max(sector.shape) > 2 * SIGNAL_SIZE:  # a large cine: a cheap area reduction first, to twice the size
+        f = 2 * SIGNAL_SIZE / max(sector.shape)
+        h, w = int(round(sector.shape[0] * f)), int(round(sector.shape[1] * f))
+        frames = np.stack([cv2.resize(x, (w, h), interpolation=cv2.INTER_AREA) for x in frames])
+        sector = cv2.resize(sector.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+    grey = luma(frames)
     scale = min(1.0, SIGNAL_SIZE / max(grey.shape[1:]))
     if scale < 1.0:
         shape = (max(8, int(round(grey.shape[1] * scale))), max(8, int(round(grey.shape[2] * scale))))
@@ -90,11 +97,11 @@ def _principal_motion(values: np.ndarray, pool: np.ndarray) -> np.ndarray:
     """The frames' first principal component over the sector pixels: the strongest coherent change
     of the image (walls, valves and cavity together), signed to rise with the blood pool so that it
     too is largest at ED. It holds where drop-out or gain leaves the blood-pool share flat."""
-    x = values - values.mean(axis=0)
+    x = (values - values.mean(axis=0)).astype(np.float64)
     if not np.any(x):
         return np.zeros(values.shape[0])
-    u, sv, _ = np.linalg.svd(x, full_matrices=False)
-    pc = u[:, 0] * sv[0]
+    w, u = np.linalg.eigh(x @ x.T)  # the frames' Gram matrix: [T, T], far cheaper than an SVD of [T, pixels]
+    pc = u[:, -1] * np.sqrt(max(float(w[-1]), 0.0))
     return -pc if np.ptp(pool) > 0 and np.corrcoef(pc, pool)[0, 1] < 0 else pc
 
 
@@ -229,6 +236,7 @@ def beats_from_signal(v: np.ndarray, fps: float, period: Optional[float] = None)
     reach = int(round(0.6 * period))
     noise = noise_level(v)
     pending = None  # an ES after the last stroke that the clip may cut
+    end_bottom = None  # an ES the clip may end on
     for i, b in enumerate(strokes):
         p, amp = b["p"], b["amp"]
         conf = float(np.clip(amp / usual, 0.0, 1.0) * np.clip(quality / 0.6, 0.0, 1.0))
@@ -246,15 +254,30 @@ def beats_from_signal(v: np.ndarray, fps: float, period: Optional[float] = None)
             found.es_confidence.append(round(conf, 3))
         elif g < T - 1 and refill > 2 * noise:
             pending = (g, conf)
-    _edge_events(s, found, usual, quality, noise, pending, max(1, int(round(0.08 * fps))))
+        elif i + 1 == len(strokes) and T - 1 - p >= 0.1 * period:
+            end_bottom = g
+    _edge_events(s, v, found, usual, quality, noise, pending, end_bottom, max(1, int(round(0.08 * fps))),
+                 int(round(0.12 * period)))
     return found
 
 
-def _edge_events(s: np.ndarray, found: ImageBeats, usual: float, quality: float, noise: float,
-                 pending, min_gap: int) -> None:
+def _levels_off(v: np.ndarray, k: int) -> bool:
+    """Whether the raw signal ``v`` has its bottom at frame 0: a parabola fitted to its first
+    ``k`` frames opens upwards with its vertex nearest frame 0 or later. A clip cut at ES starts
+    at the bottom; one cut in a refill starts on a slope whose bottom lies before the clip."""
+    k = min(max(4, k), v.size)
+    if k < 4:
+        return False
+    a, b, _ = np.polyfit(np.arange(k, dtype=np.float64), v[:k], 2)
+    return bool(a > 0 and -b / (2 * a) >= -0.5)
+
+
+def _edge_events(s: np.ndarray, v: np.ndarray, found: ImageBeats, usual: float, quality: float, noise: float,
+                 pending, end_bottom, min_gap: int, edge_frames: int) -> None:
     """Events the clip's ends cut from their strokes, kept at half confidence where the clip shows
     the extremum at the usual level: an ES before the first ED (the clip starts in systole), an ES
-    whose refilling the clip's end cuts, and an ED after the last ES whose stroke it cuts."""
+    whose refilling the clip's end cuts (or that the clip ends on, flat), and an ED after the last
+    ES whose stroke it cuts."""
     T = s.size
     half = round(0.5 * float(np.clip(quality / 0.6, 0.0, 1.0)), 3)
     ed_level = float(np.median(s[found.ed])) if found.ed else float(s.max())
@@ -262,10 +285,14 @@ def _edge_events(s: np.ndarray, found: ImageBeats, usual: float, quality: float,
     if pending is not None and s[pending[0]] <= es_level + 0.1 * usual:
         found.es.append(int(pending[0]))
         found.es_confidence.append(half)
+    elif end_bottom is not None and s[end_bottom] <= es_level + 0.05 * usual \
+            and _levels_off(v[::-1], edge_frames):  # the clip ends at a bottom
+        found.es.append(int(end_bottom))
+        found.es_confidence.append(half)
     if found.ed and (not found.es or found.es[0] > found.ed[0]) and found.ed[0] >= 3:
         g = int(np.argmin(s[: found.ed[0]]))
         # at frame 0 only a bottom the signal leaves slowly: a steep rise there is a refill already under way
-        bottom = g >= 1 or (s[1] - s[0] <= 0.03 * usual and s[0] <= es_level + 0.05 * usual)
+        bottom = g >= 1 or (_levels_off(v, edge_frames) and s[0] <= es_level + 0.05 * usual)
         if bottom and g <= found.ed[0] - min_gap and s[g] <= es_level + 0.15 * usual \
                 and s[found.ed[0]] - s[g] >= 0.5 * usual:
             found.es.insert(0, g)
