@@ -123,9 +123,11 @@ class Task:
     ``classes``: default output names (a dataset may bring its own); ``n_outputs``: fixed number
     of label names (None: one per class); ``targets``: item keys the loss reads;
     ``select_metric``/``higher_is_better``: the validation metric the best model is kept by;
-    ``frames_policy``: how clips are cut from a cine; ``analysis``: where a cine's analysis puts
-    the output (``view``, ``scores.<key>``, ``masks``; empty: not scored per cine, ``analysis_note``
-    says why)."""
+    ``loss``: a name in :data:`EchoFMEngine.training.task_eval.LOSSES`, computed on ``targets``;
+    ``frames_policy``: how clips are cut from a cine by default (the data layer records ``still``
+    for still-image datasets and ``per_frame`` for the 2D segmenter); ``analysis``: where a cine's
+    analysis puts the output (``view``, ``scores.<key>``, ``masks``; empty: not scored per cine,
+    ``analysis_note`` says why)."""
 
     name: str
     title: str

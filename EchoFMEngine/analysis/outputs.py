@@ -153,13 +153,9 @@ def write_study(result, out: Path, sid: str, cine=None, summary: bool = True) ->
         if summary and cine is not None:
             summary_figure(cine, result, stage / "summary.png")
         if summary and result.phase_view is not None:
-            import matplotlib.pyplot as plt  # deferred: matplotlib, loaded only when figures are drawn
+            from ..clinical.phase_strip import save_phase_strip  # deferred: phase_strip loads matplotlib
 
-            from ..clinical.phase_strip import phase_strip_figure  # deferred: phase_strip loads matplotlib
-
-            fig = phase_strip_figure(*result.phase_view, title=sid)
-            fig.savefig(stage / "phase.png", dpi=90)
-            plt.close(fig)
+            save_phase_strip(*result.phase_view, stage / "phase.png", title=sid)
         (stage / "result.json").write_text(json.dumps(_finite(d), indent=2, allow_nan=False))
         _fsync_tree(stage)
         if folder.exists():

@@ -28,7 +28,7 @@ from . import inference, plausibility as plaus
 from .plausibility import flag
 from ..tasks import LABEL_TEXT, LABELS, REGRESSION, SEGMENTATION, TASKS, get_task, tasks_of
 from ..runtime.distributed import resolve_device
-from ..clinical import embedding_signal as embedding   # a module: it imports .inference back
+from . import embedding_signal as embedding   # a module: it imports .inference back
 from ..clinical.geometry import choose_bmode_panel, colour_doppler_frames, find_panels, find_sector
 from ..clinical.measure import cardiac_measurements
 from ..clinical.phase import detect_ed_es

@@ -20,7 +20,7 @@ from ..metrics import json_safe
 from ..models.checkpoint import CheckpointError
 from ..models.task_checkpoint import load_task_model, read_task_description
 from ..tasks import TASK_NAMES as TASKS
-from ..tasks import structures_for
+from ..tasks import REGRESSION, SEGMENTATION, get_task, structures_for
 from .cases import DataSpec, batches, parse_data_spec
 from .tasks import ClassificationEval, MultiEval, RegressionEval, SegmentationEval
 
@@ -66,18 +66,19 @@ def make_evaluator(task: str, desc: dict):
     """The evaluator for ``task`` and this checkpoint's head: classes (view, AS), value (EF),
     label maps (segment), or for AR the severe-vs-not classes plus the severity score when the
     head predicts one (multi-view head)."""
-    head = desc.get("head") or {}
-    if task == "segment":
+    head, spec = desc.get("head") or {}, get_task(task)
+    if spec.kind == SEGMENTATION:
         return SegmentationEval(structures_for(len(class_names(desc))))
-    if task == "ef":
-        return RegressionEval("ef", "EF", "%")
+    if spec.kind == REGRESSION:
+        return RegressionEval(spec.targets[0], spec.eval_title, spec.unit)
     names = class_names(desc)
-    if task == "ar" and head.get("kind") == "regressor":
+    has_severity = "severity" in spec.targets      # AR: a severity score beside (or instead of) the classes
+    if has_severity and head.get("kind") == "regressor":
         return RegressionEval("severity", "AR severity", "grade", severe_from=AR_SEVERE_FROM)
     if len(names) < 2:
         raise ValueError(f"checkpoint of task {task!r} names {len(names)} classes; a classifier needs >= 2")
-    classes = ClassificationEval(names, title=task.upper() if task != "view" else "view")
-    if task == "ar" and head.get("kind") == "multiview":
+    classes = ClassificationEval(names, title=spec.eval_title)
+    if has_severity and head.get("kind") == "multiview":
         severity = RegressionEval("severity", "AR severity", "grade", prefix="severity_", plots=("scatter",))
         return MultiEval({"severe": classes, "severity": severity})
     return classes

@@ -103,7 +103,7 @@ def _legacy_description(desc: dict) -> dict:
     head = {"kind": "segmenter", "n_classes": desc["n_classes"], **desc["head"]}
     return {**desc, "labels": labels, "head": head,
             "preprocessing": desc.get("preprocessing", {"sector_crop": True, "size": c["img_size"],
-                                                         "frames_policy": "cycle"}),
+                                                         "frames_policy": get_task("segment").frames_policy}),
             "trained_on": desc.get("trained_on", "unknown")}
 
 

@@ -25,14 +25,13 @@ from torch.utils.data import DataLoader
 
 from ..configs import CONFIG_DIR
 from ..data.augment import classification_augment, segmentation_augment
-from ..data.labels import AR_VIEWS
 from ..metrics import json_safe
 from ..models import make_config
 from ..models.checkpoint import CheckpointError
 from ..models.heads import ENCODER_UNUSED, EncoderModel, build_new_task_model
 from ..models.task_checkpoint import check_task, load_task_model, read_task_description, save_task_model
 from ..runtime import distributed
-from ..tasks import structures_for
+from ..tasks import SEGMENTATION, get_task, structures_for
 from .config import FINETUNE_TASKS, ConfigError, dump_config, load_config
 from .data import StepBatchSampler, item_seed
 from .layer_decay import param_groups
@@ -95,7 +94,7 @@ def model_input(cfg: dict) -> tuple[int, int, bool]:
         size, native = int(desc["input"]["height"]), int(desc["input"]["frames"])
     else:
         mcfg = make_config(dict(cfg["model"]))
-        frame_model = task == "segment" and bool(cfg["head"]["frame_model"])
+        frame_model = get_task(task).head_kind(cfg["head"]) == "frame_segmenter"
         frames = int(cfg["data"]["frames"] or mcfg.num_frames)
         size, native = mcfg.img_size, mcfg.num_frames
     if not frame_model and frames != native:
@@ -115,10 +114,13 @@ def _scalars(m: Optional[dict]) -> Optional[dict]:
 
 
 def model_description(model: EncoderModel, task: str, labels: Sequence[str], trained_on: str,
-                      frames_policy: str = "cycle", frames: Optional[int] = None) -> dict:
+                      frames_policy: Optional[str] = None, frames: Optional[int] = None) -> dict:
     """What a task checkpoint says about ``model`` itself (contract C's required keys and the task's
-    own ones), for :func:`~EchoFMEngine.models.task_checkpoint.save_task_model`; ``frames``: the clip
-    length it was trained on (default the encoder's)."""
+    own ones, from its registry entry), for :func:`~EchoFMEngine.models.task_checkpoint.save_task_model`;
+    ``frames``: the clip length it was trained on (default the encoder's); ``frames_policy``: how its
+    clips were cut (default the task's)."""
+    spec = get_task(task)
+    frames_policy = frames_policy or spec.frames_policy
     kind = model.head_config()["kind"]
     layout = {"multiview": "[B, V, C, T, H, W] + view_mask [B, V] (views in the order of 'views')",
               "frame_segmenter": "[B, C, T, H, W], any T (each frame is segmented on its own)"}.get(kind,
@@ -132,12 +134,12 @@ def model_description(model: EncoderModel, task: str, labels: Sequence[str], tra
                           "clip_frames": frames, "color": "rgb"},
         "trained_on": trained_on,
     }
-    if task == "segment":
+    if spec.vocabulary == "structures":
         desc["structures"] = {k: list(v) for k, v in structures_for(len(labels)).items()}
-    if task == "ef":
-        desc["unit"] = "%"
-    if task == "ar":
-        desc["views"] = list(AR_VIEWS)
+    if spec.unit:
+        desc["unit"] = spec.unit
+    if spec.views:
+        desc["views"] = list(spec.views)
         desc["outputs"] = {"predict_proba": list(labels), "predict": "severity score, 0-4 (grade units)"}
     return desc
 
@@ -160,13 +162,18 @@ def describe(cfg: dict, data: TaskData, model: EncoderModel, val: dict, test: Op
     return desc
 
 
+def _reports_cis(task: str) -> bool:
+    """Whether the task's test metrics carry bootstrap intervals (a ``*_ci95`` metric in its registry entry)."""
+    return any(m.endswith("_ci95") for m in get_task(task).metrics)
+
+
 # ------------------------------------------------------------------ augmentation
 def augment(task: str, item: dict, seed: int, step: int) -> dict:
     """The paper's augmentation of one training item, drawn from a seed of (run, step, item) so a
     resumed run repeats it exactly: segmentation rotation/translation/scale/erasing (masks follow),
     other tasks horizontal flips."""
     g = torch.Generator().manual_seed(item_seed(seed, step, int(item["index"])))
-    if task == "segment":
+    if get_task(task).kind == SEGMENTATION:
         return {**item, **segmentation_augment(g, erase_p=0.25)({"video": item["video"], "masks": item["masks"]})}
     return {**item, **classification_augment(g)({"video": item["video"]})}
 
@@ -230,7 +237,7 @@ def _run(cfg: dict, info: distributed.DistInfo, resume: bool = False, progress: 
     test = None
     if data.test is not None and len(data.test):
         test = evaluate_task(model, task, data.test, int(r["eval_batch_size"]), info.device, autocast,
-                             n_boot=1000 if task == "segment" else 0, seed=int(r["seed"]), info=info, main_only=True)
+                             n_boot=1000 if _reports_cis(task) else 0, seed=int(r["seed"]), info=info, main_only=True)
         test = distributed.broadcast_object(json_safe(test), info)
     desc = describe(cfg, data, model, best["metrics"], test, int(best["step"]))
     if main:
@@ -334,6 +341,7 @@ def train(cfg: dict, data: TaskData, model: EncoderModel, info: distributed.Dist
 
     bar = progress_bar(progress and main, steps, start, f"finetune {task}")
     aug = bool(d["augment"])
+    skips_unlabelled = "mask_valid" in get_task(task).targets   # a batch may hold no labelled frame
     model.train()
     t_train, window = time.perf_counter(), []
     trainable = [p for g in optimizer.param_groups for p in g["params"]]
@@ -347,7 +355,7 @@ def train(cfg: dict, data: TaskData, model: EncoderModel, info: distributed.Dist
         batch = collate(items, device)
         with autocast:
             loss = task_loss(model, task, batch, float(cfg["head"]["severity_weight"]), forward=forward)
-        if info.enabled and task == "segment":
+        if info.enabled and skips_unlabelled:
             labelled = torch.tensor([float(loss is not None)], device=device)
             torch.distributed.all_reduce(labelled)
             if float(labelled) == 0:

@@ -20,10 +20,8 @@ from torch.utils.data import Subset
 
 from ..metrics import higher_is_better, point_values, summarize
 from ..runtime.distributed import gather_objects, shard_range
-from ..tasks import TASKS, get_task, structures_for
+from ..tasks import CLASSIFICATION, SEGMENTATION, Task, get_task, structures_for
 from .segment import batch_loss as segmentation_batch_loss
-
-CLASSIFICATION = tuple(t.name for t in TASKS if "classifier" in t.heads)   # one clip -> classes (view, as)
 
 
 def collate(items: Sequence[dict], device=None) -> dict:
@@ -46,27 +44,49 @@ def collate(items: Sequence[dict], device=None) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ losses (Task.loss names one)
+def _cross_entropy(spec: Task, model, fwd, batch: dict, severity_weight: float):
+    """Class logits against the integer class target."""
+    (label,) = spec.targets
+    return F.cross_entropy(fwd(batch["video"]).float(), batch[label])
+
+
+def _mse(spec: Task, model, fwd, batch: dict, severity_weight: float):
+    """A value against its target, standardised by the training targets' mean and SD (the head's)."""
+    (value,) = spec.targets
+    return F.mse_loss(fwd(batch["video"]).float(), (batch[value] - model.target_mean) / model.target_std)
+
+
+def _bce_severity(spec: Task, model, fwd, batch: dict, severity_weight: float):
+    """Multi-view: severe-vs-not logit (binary cross-entropy) plus ``severity_weight`` x the MSE of the
+    severity score scaled to 0-1; outputs ``[:, 0]`` severity, ``[:, 1]`` logit."""
+    label, severity, views = spec.targets
+    out = fwd(batch["video"], batch[views]).float()
+    sev = F.mse_loss(out[:, 0], batch[severity] / model.severity_max)
+    return F.binary_cross_entropy_with_logits(out[:, 1], batch[label].float()) + severity_weight * sev
+
+
+def _ce_dice(spec: Task, model, fwd, batch: dict, severity_weight: float):
+    """Label maps on the labelled frames (cross-entropy + Dice); None when the batch has none."""
+    _, valid = spec.targets
+    if not bool(batch[valid].any()):
+        return None
+    return segmentation_batch_loss(fwd, batch)
+
+
+LOSSES = {"cross_entropy": _cross_entropy, "mse": _mse, "binary_cross_entropy+severity_mse": _bce_severity,
+          "cross_entropy+dice": _ce_dice}
+
+
 def task_loss(model, task: str, batch: dict, severity_weight: float = 1.0,
               forward=None) -> Optional[torch.Tensor]:
-    """The training loss of one batch (None for a segmentation batch without any labelled frame).
-    ``forward`` runs the model (a DDP or compiled wrapper of ``model``); ``model`` gives the
-    attributes (target statistics, severity scale)."""
-    fwd = forward if forward is not None else model
-    video = batch["video"]
-    if task in CLASSIFICATION:
-        return F.cross_entropy(fwd(video).float(), batch["label"])
-    if task == "ef":
-        target = (batch["ef"] - model.target_mean) / model.target_std
-        return F.mse_loss(fwd(video).float(), target)
-    if task == "ar":
-        out = fwd(video, batch["view_valid"]).float()
-        sev = F.mse_loss(out[:, 0], batch["severity"] / model.severity_max)
-        return F.binary_cross_entropy_with_logits(out[:, 1], batch["label"].float()) + severity_weight * sev
-    if task == "segment":
-        if not bool(batch["mask_valid"].any()):
-            return None
-        return segmentation_batch_loss(fwd, batch)
-    raise ValueError(f"unknown task {task!r}")
+    """The training loss of one batch, the one the task declares (``Task.loss``, on ``Task.targets``);
+    None for a segmentation batch without any labelled frame. ``forward`` runs the model (a DDP or
+    compiled wrapper of ``model``); ``model`` gives the attributes (target statistics, severity scale)."""
+    spec = get_task(task)
+    if spec.loss not in LOSSES:
+        raise ValueError(f"task {task!r} declares loss {spec.loss!r}; known losses: {sorted(LOSSES)}")
+    return LOSSES[spec.loss](spec, model, forward if forward is not None else model, batch, severity_weight)
 
 
 def _video_args(batch: dict) -> tuple:
@@ -105,6 +125,8 @@ def predict_dataset(model, task: str, dataset, batch_size: int = 8, device=None,
     view/as: ``y`` [N], ``proba`` [N,C]; ef: ``y``, ``pred`` [N]; ar: ``y``, ``proba`` [N,2],
     ``severity``, ``severity_pred`` [N]; segment: ``pred`` / ``ref`` lists of ``[K,H,W]`` label maps
     on the labelled frames, ``spacing`` list."""
+    spec = get_task(task)
+    target, severity = spec.targets[0], "severity" in spec.targets
     device = device or next(model.parameters()).device
     ctx = autocast or contextlib.nullcontext()
     was_training = model.training
@@ -114,17 +136,14 @@ def predict_dataset(model, task: str, dataset, batch_size: int = 8, device=None,
         items = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
         batch = collate(items, device)
         with ctx:
-            if task in CLASSIFICATION:
-                out["proba"].append(predict_proba(model, batch))
-                out["y"].append(batch["label"].cpu())
-            elif task == "ef":
-                out["pred"].append(predict_value(model, batch))
-                out["y"].append(batch["ef"].cpu())
-            elif task == "ar":
-                out["proba"].append(predict_proba(model, batch))
-                out["severity_pred"].append(predict_value(model, batch))
-                out["y"].append(batch["label"].cpu())
-                out["severity"].append(batch["severity"].cpu())
+            if spec.kind != SEGMENTATION:
+                if spec.kind == CLASSIFICATION:
+                    out["proba"].append(predict_proba(model, batch))
+                if spec.kind != CLASSIFICATION or severity:        # regression value, or the severity score
+                    out["severity_pred" if severity else "pred"].append(predict_value(model, batch))
+                out["y"].append(batch[target].cpu())
+                if severity:
+                    out["severity"].append(batch["severity"].cpu())
             else:
                 for it, p in zip(items, predict_label_maps(model, batch)):
                     if not len(p):
@@ -133,7 +152,7 @@ def predict_dataset(model, task: str, dataset, batch_size: int = 8, device=None,
                     out["ref"].append(it["masks"][it["mask_valid"]].numpy())
                     out["spacing"].append(it.get("spacing_mm"))
     model.train(was_training)
-    if task == "segment":
+    if spec.kind == SEGMENTATION:
         return {k: out[k] for k in ("pred", "ref", "spacing")}
     return {k: torch.cat(v).numpy() for k, v in out.items() if v and k not in ("ref", "spacing")}
 
@@ -142,15 +161,17 @@ def task_metrics(task: str, pred: dict, n_boot: int = 0, seed: int = 0, n_classe
     """Metrics of :func:`predict_dataset`'s output for ``task``: :func:`metrics.summarize` of the
     task's kind (the numbers of ``evaluate``'s reports), as plain values (``<name>_ci95`` where
     ``n_boot`` > 0). AR adds the severity score's ``severity_mae`` / ``severity_rmse``."""
-    kind = get_task(task).kind
-    if kind == "segmentation":
+    spec = get_task(task)
+    kind = spec.kind
+    if kind == SEGMENTATION:
         if not pred["pred"]:
             raise ValueError("no labelled frame in the evaluation data (mask_valid is False everywhere)")
         return point_values(summarize(kind, pred, n_boot, seed, structures=structures_for(n_classes)))
     m = point_values(summarize(kind, pred, n_boot, seed))
-    if task == "ar":
+    extra = [name for name in spec.metrics if name.startswith("severity_")]   # AR: severity_mae, severity_rmse
+    if extra:
         sev = point_values(summarize("regression", {"y": pred["severity"], "pred": pred["severity_pred"]}, n_boot, seed))
-        m.update({f"severity_{k}": sev[k] for k in ("mae", "rmse")})
+        m.update({name: sev[name[len("severity_"):]] for name in extra})
     return m
 
 
