@@ -16,7 +16,7 @@ COMMANDS = {
     "info": ("EchoFMEngine.models.checkpoint", "describe a checkpoint file"),
     "finetune": ("EchoFMEngine.training.entry:finetune_cli", "fine-tune a downstream task (same as train.py --config)"),
     "evaluate": ("EchoFMEngine.evaluation.command", "evaluate a fine-tuned checkpoint: metrics.json + figures"),
-    "phase": ("EchoFMEngine.clinical.phase_strip", "ED/ES of every beat: a phase-strip PNG and a JSON per cine"),
+    "phase": ("EchoFMEngine.analysis.phase_command", "ED/ES of every beat: a phase-strip PNG and a JSON per cine"),
     "analyze": ("EchoFMEngine.analysis", "analyse cine loops: view, ED/ES, masks, volumes, EF, scores"),
     "models": ("EchoFMEngine.models.cli", "the local models folder: list, import a weights file"),
 }

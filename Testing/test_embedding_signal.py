@@ -12,7 +12,8 @@ import torch
 from EchoFMEngine.analysis import analyze, pipeline
 from EchoFMEngine.cine import Cine
 from EchoFMEngine.clinical import phase as phase_module
-from EchoFMEngine.clinical.embedding_signal import (EMBEDDING_SIGNAL, embedding_signal, encoder_signals,
+from EchoFMEngine.analysis import phase_command
+from EchoFMEngine.analysis.embedding_signal import (EMBEDDING_SIGNAL, embedding_signal, encoder_signals,
                                                     frame_embeddings, window_starts)
 from EchoFMEngine.clinical.image_beats import blood_pool_signal, signal_period
 from EchoFMEngine.clinical.phantoms import make_study
@@ -134,3 +135,19 @@ def test_the_chosen_signal_is_recorded_when_the_encoder_signal_wins():
     assert ph.signal_name == EMBEDDING_SIGNAL and ph.to_dict()["signal"] == EMBEDDING_SIGNAL
     assert encoder_signals(cine, None) == {}
 
+
+
+def test_the_phase_command_offers_the_encoder_signal_from_a_models_folder(encoder_folder, tmp_path, monkeypatch,
+                                                                        one_torch_thread, capsys):
+    seen = []
+    real = phase_command.detect_ed_es
+    monkeypatch.setattr(phase_command, "detect_ed_es",
+                        lambda cine, **kw: seen.append(dict(kw.get("extra_signals") or {})) or real(cine, **kw))
+    path = tmp_path / "cine.npz"
+    cine = _repeated_beat(24, 2, 96)
+    np.savez(path, frames=cine.frames, fps=cine.fps)
+    assert phase_command.cli([str(path), "--out", str(tmp_path / "a"), "--models", str(encoder_folder)]) == 0
+    assert list(seen[0]) == [EMBEDDING_SIGNAL] and "pretrained encoder tiny-test" in capsys.readouterr().out
+    seen.clear()
+    assert phase_command.cli([str(path), "--out", str(tmp_path / "b")]) == 0
+    assert seen == [{}]

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from EchoFMEngine.clinical.phase_strip import cli
+from EchoFMEngine.analysis.phase_command import cli
 from EchoFMEngine.clinical.phantoms import make_study
 
 

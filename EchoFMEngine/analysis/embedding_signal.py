@@ -23,7 +23,7 @@ import torch
 from EchoFMEngine.analysis.inference import to_video
 from EchoFMEngine.cine import Cine
 from EchoFMEngine.clinical.geometry import prepare_frames
-from EchoFMEngine.clinical.image_beats import _principal_motion, blood_pool_signal
+from EchoFMEngine.clinical.image_beats import principal_motion, blood_pool_signal
 from EchoFMEngine.models.checkpoint import load_pretrained
 
 EMBEDDING_SIGNAL = "EchoFM embeddings (first principal component)"
@@ -110,7 +110,7 @@ def embedding_signal(cine: Cine, model, reference: Optional[np.ndarray] = None,
     if reference is None:
         reference = blood_pool_signal(cine)
     # the first principal component, signed to rise with the reference: as the images' principal motion
-    return _principal_motion(frame_embeddings(cine, model, device, batch_size, frames), np.asarray(reference))
+    return principal_motion(frame_embeddings(cine, model, device, batch_size, frames), np.asarray(reference))
 
 
 def phase_encoder(models: Mapping) -> tuple[Optional[object], str]:

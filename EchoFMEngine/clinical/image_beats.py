@@ -93,7 +93,7 @@ def _blood_pool(values: np.ndarray) -> np.ndarray:
     return np.clip(1.0 - values / (2.0 * thr), 0.0, 1.0).mean(axis=1) if thr > 0 else np.zeros(T)
 
 
-def _principal_motion(values: np.ndarray, pool: np.ndarray) -> np.ndarray:
+def principal_motion(values: np.ndarray, pool: np.ndarray) -> np.ndarray:
     """The frames' first principal component over the sector pixels: the strongest coherent change
     of the image (walls, valves and cavity together), signed to rise with the blood pool so that it
     too is largest at ED. It holds where drop-out or gain leaves the blood-pool share flat."""
@@ -107,11 +107,11 @@ def _principal_motion(values: np.ndarray, pool: np.ndarray) -> np.ndarray:
 
 def image_signals(cine: Cine) -> dict[str, np.ndarray]:
     """The volume-like signals the images give, by name: the blood-pool share and the principal
-    motion of the upper sector (see :func:`blood_pool_signal`, :func:`_principal_motion`)."""
+    motion of the upper sector (see :func:`blood_pool_signal`, :func:`principal_motion`)."""
     grey, region = _upper_sector(cine)
     values = grey[:, region]
     pool = _blood_pool(values)
-    return {BLOOD_POOL: pool, PRINCIPAL_MOTION: _principal_motion(values, pool)}
+    return {BLOOD_POOL: pool, PRINCIPAL_MOTION: principal_motion(values, pool)}
 
 
 def blood_pool_signal(cine: Cine) -> np.ndarray:

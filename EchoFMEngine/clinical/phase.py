@@ -18,8 +18,10 @@ from typing import Optional, Sequence
 import numpy as np
 
 from EchoFMEngine.cine import Cine
+from EchoFMEngine.clinical.cycles import ecg_peak_frames, estimate_period_frames, peak_runs
+from EchoFMEngine.clinical.ecg import detect_r_peaks, ecg_quality
 from EchoFMEngine.clinical.image_beats import (BLOOD_POOL, LOW_CONFIDENCE, MIN_QUALITY, ImageBeats,
-                                              blood_pool_signal, detect_image_beats)
+                                              blood_pool_signal, detect_image_beats, noise_level)
 
 MAX_HR_BPM = 220.0
 MIN_SAME_KIND_S = 60.0 / MAX_HR_BPM  # 0.273 s: two EDs (or two ESs) are at least one beat apart
@@ -77,8 +79,6 @@ def _extrema(v: np.ndarray, kind: str, min_dist: int) -> list:
     the clip's start or end counts only if its top lies inside the clip and reaches the level of
     the inner peaks (so never without inner peaks); its centre is then placed as for a run of
     the usual length."""
-    from EchoFMEngine.clinical.cycles import peak_runs
-
     n = v.size
     s = v if kind == "ed" else -v
     runs = peak_runs(s, min_dist)
@@ -145,8 +145,6 @@ def _clean_events(events: list, min_same: int, min_opposite: int, fixed: str = "
 
 def _es_between(v: np.ndarray, lo: int, hi: int) -> Optional[int]:
     """Centre of the lowest run of ``v`` strictly inside (lo, hi); None if the window is empty."""
-    from EchoFMEngine.clinical.cycles import noise_level
-
     lo, hi = max(lo + 1, 0), min(hi - 1, v.size - 1)
     if hi < lo:
         return None
@@ -202,8 +200,6 @@ def _es_per_cycle(v: np.ndarray, bounds: list, period: Optional[float]) -> list:
 def _ecg_heart_rate(cine: Cine) -> float:
     """60 / mean R-R of the beats within 1 s of the clip (the mean, as irregular rhythms are
     reported); intervals over 1.8x the median hide a missed beat and are left out."""
-    from EchoFMEngine.clinical.ecg import detect_r_peaks
-
     ecg, ft = cine.ecg, cine.frame_times_s
     t = ecg.t0_s + detect_r_peaks(ecg.signal, ecg.fs) / ecg.fs
     rr = np.diff(t[(t >= ft[0] - 1.0) & (t <= ft[-1] + 1.0)])
@@ -253,8 +249,6 @@ def _from_masks(area: np.ndarray, fps: float, notes: list) -> Optional[tuple[lis
 def _period(cine: Cine, ed: list) -> Optional[float]:
     if len(ed) >= 2:
         return float(np.median(np.diff(ed)))
-    from EchoFMEngine.clinical.cycles import estimate_period_frames
-
     return estimate_period_frames(cine)
 
 
@@ -287,8 +281,6 @@ def ecg_usability(cine: Cine, found: Optional[ImageBeats] = None) -> tuple[bool,
     """Whether the cine's ECG can place ED: it must have R peaks, a quality of a real ECG and a
     heart rate that the images (``found``, detected when not given) do not contradict.
     (usable, reason when not)."""
-    from EchoFMEngine.clinical.ecg import ecg_quality
-
     ecg = cine.ecg
     if ecg is None or ecg.signal.size == 0:
         return False, "no ECG"
@@ -315,8 +307,6 @@ def detect_ed_es(cine: Cine, masks=None, lv_labels: Sequence[int] = (1,),
     """ED and ES frames of every cycle in ``cine``: a usable ECG, else LV masks (label maps
     ``[T, H, W]``), else images (``extra_signals``: more image signals, see ``detect_image_beats``).
     ValueError for a single frame or masks that do not match."""
-    from EchoFMEngine.clinical.cycles import ecg_peak_frames
-
     T = cine.num_frames
     if T < 2:
         raise ValueError(f"ED/ES need a cine loop of at least two frames, got {T}")

@@ -1,17 +1,11 @@
-"""The phase strip: a picture to check ED/ES at a glance, and `python -m EchoFMEngine phase`.
+"""The phase strip: a picture to check ED/ES at a glance (drawn by `python -m EchoFMEngine phase`,
+``analysis.phase_command``, and in the analysis summary).
 
 Top: the signal the detector read over time (seconds and frames), each found ED (red) and ES
 (blue) marked, weak events dashed, flags in red above. Bottom: the frame at each ED and ES as a
 thumbnail, blanked outside the scan sector (no burned-in text or identifiers reach the picture).
 """
 from __future__ import annotations
-
-import argparse
-import hashlib
-import json
-import sys
-import time
-from pathlib import Path
 
 import matplotlib
 
@@ -22,7 +16,7 @@ import numpy as np  # noqa: E402
 from EchoFMEngine.cine import Cine  # noqa: E402
 from EchoFMEngine.clinical.geometry import blank_outside, find_sector  # noqa: E402
 from EchoFMEngine.clinical.image_beats import LOW_CONFIDENCE  # noqa: E402
-from EchoFMEngine.clinical.phase import Phase, detect_ed_es  # noqa: E402
+from EchoFMEngine.clinical.phase import Phase  # noqa: E402
 
 MAX_THUMBS = 8
 
@@ -76,43 +70,8 @@ def phase_strip_figure(cine: Cine, phase: Phase, title: str = "cine") -> plt.Fig
     return fig
 
 
-def study_name(path: Path, counter: int) -> str:
-    """An output name that does not copy the file name (which may hold a patient's name)."""
-    return f"cine-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]}-{counter:03d}"
-
-
-def cli(argv) -> int:
-    from EchoFMEngine.io import load_cine
-
-    ap = argparse.ArgumentParser(
-        prog="python -m EchoFMEngine phase",
-        description="ED/ES of every beat of each cine (ECG when usable, else images): one PNG phase strip "
-                    "and one JSON per cine; a file that cannot be read is reported and skipped.",
-        epilog="example: python -m EchoFMEngine phase ../shared/data/echonet/traced3/Videos/*.avi --out runs/phase")
-    ap.add_argument("paths", nargs="+", help="cine files (any format load_cine reads)")
-    ap.add_argument("--out", required=True, help="folder for <id>.png and <id>.json per cine")
-    ap.add_argument("--no-ecg", action="store_true", help="ignore any ECG and use the images")
-    args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for i, p in enumerate(map(Path, args.paths)):
-        sid = study_name(p, i)
-        try:
-            t0 = time.perf_counter()
-            cine = load_cine(p)
-            if args.no_ecg:
-                cine.ecg = None
-            phase = detect_ed_es(cine)
-            result = {"id": sid, **phase.to_dict(), "frames": cine.num_frames, "fps": cine.fps,
-                      "seconds": round(time.perf_counter() - t0, 3)}
-            fig = phase_strip_figure(cine, phase, title=sid)
-            fig.savefig(out / f"{sid}.png", dpi=90)
-            plt.close(fig)
-            (out / f"{sid}.json").write_text(json.dumps(result, indent=1))
-            print(f"{sid}: {len(phase.ed_frames)} ED, {len(phase.es_frames)} ES, {phase.method}"
-                  + (f", flags: {', '.join(f['name'] for f in phase.flags)}" if phase.flags else ""))
-        except Exception as exc:  # one bad file never stops the batch
-            failed += 1
-            print(f"{sid}: failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-    return 1 if failed else 0
+def save_phase_strip(cine: Cine, phase: Phase, path, title: str = "cine") -> None:
+    """Draw the phase strip of ``cine`` and write it to ``path`` (PNG), freeing the figure."""
+    fig = phase_strip_figure(cine, phase, title=title)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
