@@ -28,6 +28,8 @@ from skimage.transform import resize, warp
 
 from EchoFMEngine.cine import Cine, SourceInfo
 from EchoFMEngine.clinical.geometry import find_sector
+from EchoFMEngine.clinical.phase import detect_ed_es, event_accuracy
+from EchoFMEngine.io import load_cine
 
 VENTRICLE_DEPTH = 0.6   # the cavity is looked for in the upper 60 % of the sector (apical views)
 SYSTOLE_SHARE = 0.37    # ED to ES as a share of the mean R-R (diastole absorbs irregular beats)
@@ -267,35 +269,34 @@ def _inner(frames: list, T: int, margin: int) -> list:
 
 
 def evaluate_warped(cines_folder, n: int = 40, seed: int = 0, grid: Optional[dict] = None,
-                    tolerance: int = 3) -> list:
+                    tolerance: int = 3, max_gain_drift: float = 0.2) -> list:
     """``detect_ed_es`` (images only) on phantoms from one random frame of each of ``n`` cines of an
     EchoNet-layout folder (``Videos/*.avi``), for every setting of ``grid`` (default :data:`GRID`),
-    with a random heart rate (55-100 bpm), squeeze, start phase, speckle and gain drift per phantom.
+    with a random heart rate (55-100 bpm), squeeze, start phase, speckle and gain drift (up to
+    ``max_gain_drift``) per phantom.
     One dict per phantom; truth events within ``tolerance`` frames of the clip's ends are not
     counted (no detector can tell whether their extremum lies beyond)."""
-    from EchoFMEngine.clinical.phase import detect_ed_es, event_accuracy
-    from EchoFMEngine.io import load_cine
-
     paths = sorted(Path(cines_folder, "Videos").glob("*.avi"))
     if not paths:
         raise FileNotFoundError(f"{cines_folder}: no Videos/*.avi (an EchoNet-Dynamic layout folder)")
     grid = grid or GRID
-    rng = np.random.default_rng(seed)
-    picks = rng.choice(len(paths), size=min(n, len(paths)), replace=False)
+    picks = np.random.default_rng(seed).permutation(len(paths))[:n]
     rows = []
     for j in picks:
+        rng = np.random.default_rng([seed, int(j)])  # per cine: a larger n adds cines, keeps the first ones
         src = load_cine(paths[j])
-        frame = src.frames[int(rng.integers(src.num_frames))]
+        index = int(rng.integers(src.num_frames))
+        frame = src.frames[index]
         for setting in itertools.product(*grid.values()):
             s = dict(zip(grid.keys(), setting))
             ph = make_warped_phantom(frame, fps=s["fps"], heart_rate_bpm=float(rng.uniform(55, 100)), n_beats=4.0,
                                      rr_jitter=0.2 if s["rhythm"] == "irregular" else 0.02, size=s["size"],
                                      squeeze=float(rng.uniform(0.18, 0.3)), speckle=float(rng.uniform(0.2, 0.5)),
-                                     gain_drift=float(rng.uniform(0.0, 0.2)), dropout=s["dropout"],
+                                     gain_drift=float(rng.uniform(0.0, max_gain_drift)), dropout=s["dropout"],
                                      start_phase=float(rng.uniform(0, 1)), seed=int(rng.integers(2 ** 31)))
             found = detect_ed_es(ph.cine)
             T = ph.cine.num_frames
-            row = {**s, "cine": int(j), "params": ph.params, "signal": found.signal_name}
+            row = {**s, "cine": int(j), "frame": index, "params": ph.params, "signal": found.signal_name}
             for kind, det, truth in (("ed", found.ed_frames, ph.ed_frames), ("es", found.es_frames, ph.es_frames)):
                 inner = _inner(truth, T, tolerance)
                 acc = event_accuracy(det, inner, tolerance)
@@ -335,10 +336,12 @@ def cli(argv: Sequence[str]) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=list(GRID["size"]), help="output long sides (px)")
     ap.add_argument("--fps", type=int, nargs="+", default=list(GRID["fps"]))
     ap.add_argument("--worst", type=int, default=8, help="list this many worst phantoms")
+    ap.add_argument("--max-gain-drift", type=float, default=0.2,
+                    help="gain drift per phantom is drawn from 0 to this (default 0.2: +-20 %% over the clip)")
     ap.add_argument("--json", help="also write every phantom's row to this JSON file")
     args = ap.parse_args(argv)
     grid = {**GRID, "size": tuple(args.sizes), "fps": tuple(args.fps)}
-    rows = evaluate_warped(args.data, args.n, args.seed, grid)
+    rows = evaluate_warped(args.data, args.n, args.seed, grid, max_gain_drift=args.max_gain_drift)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(f"{'rhythm':<10}{'fps':>4}{'px':>5} {'dropout':<8}{'clips':>6}  {'ED<=3':>8}  {'ES<=3':>8}  false ED/ES")
@@ -350,8 +353,8 @@ def cli(argv: Sequence[str]) -> int:
     print("\nworst phantoms (cine index in the sorted folder, settings, truth vs detected):")
     for r in worst[: args.worst]:
         p = r["params"]
-        print(f"  cine #{r['cine']} {r['rhythm']} {r['fps']} fps {r['size']} px dropout={r['dropout']} "
-              f"hr={p['heart_rate_bpm']:.0f} start={p['start_phase']:.2f} seed={p['seed']} [{r['signal'][:12]}]\n"
+        print(f"  cine #{r['cine']} frame {r['frame']} {r['rhythm']} {r['fps']} fps {r['size']} px dropout={r['dropout']} "
+              f"hr={p['heart_rate_bpm']:.0f} start={p['start_phase']:.2f} gain={p['gain_drift']:.2f} seed={p['seed']} [{r['signal'][:12]}]\n"
               f"    ED true {r['ed']['true']} found {r['ed']['detected']}\n"
               f"    ES true {r['es']['true']} found {r['es']['detected']}")
     return 0
