@@ -11,7 +11,8 @@ from skimage import draw
 from EchoFMEngine import load_cine
 from EchoFMEngine.clinical.geometry import find_sector
 from EchoFMEngine.clinical.phase import detect_ed_es, event_accuracy
-from EchoFMEngine.clinical.warped_phantoms import make_warped_phantom
+from EchoFMEngine.clinical.phantoms import make_study, write_avi
+from EchoFMEngine.clinical.warped_phantoms import evaluate_warped, make_warped_phantom, summarise
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +122,17 @@ def test_detector_on_phantoms_from_real_frames(shared_data):
             hits, truth = hits + acc["hits"], truth + acc["truth"]
     assert truth >= 30
     assert hits >= 0.8 * truth, f"{hits}/{truth} ED/ES within 3 frames"
+
+
+def test_evaluate_warped_on_an_echonet_layout_folder(tmp_path):
+    """The measurement runs end to end on a folder of the EchoNet layout (one drawn cine here) and
+    says which folder lacks the layout."""
+    (tmp_path / "Videos").mkdir()
+    write_avi(make_study("A4C", n_frames=10, size=(112, 112), seed=0), tmp_path / "Videos" / "a.avi")
+    grid = {"rhythm": ("sinus",), "fps": (20,), "size": (112,), "dropout": (False,)}
+    rows = evaluate_warped(tmp_path, n=3, seed=0, grid=grid, max_gain_drift=0.0)
+    assert len(rows) == 1 and rows[0]["ed"]["truth"] >= 2 and rows[0]["ed"]["hits"] <= rows[0]["ed"]["truth"]
+    (overall,) = [g for g in summarise(rows, ("fps",)) if g["setting"] == ("all",)]
+    assert overall["n"] == 1 and overall["ed"][1] == rows[0]["ed"]["truth"]
+    with pytest.raises(FileNotFoundError, match="Videos"):
+        evaluate_warped(tmp_path / "missing", n=1)

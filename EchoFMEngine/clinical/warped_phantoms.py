@@ -289,11 +289,16 @@ def evaluate_warped(cines_folder, n: int = 40, seed: int = 0, grid: Optional[dic
         frame = src.frames[index]
         for setting in itertools.product(*grid.values()):
             s = dict(zip(grid.keys(), setting))
-            ph = make_warped_phantom(frame, fps=s["fps"], heart_rate_bpm=float(rng.uniform(55, 100)), n_beats=4.0,
-                                     rr_jitter=0.2 if s["rhythm"] == "irregular" else 0.02, size=s["size"],
-                                     squeeze=float(rng.uniform(0.18, 0.3)), speckle=float(rng.uniform(0.2, 0.5)),
-                                     gain_drift=float(rng.uniform(0.0, max_gain_drift)), dropout=s["dropout"],
-                                     start_phase=float(rng.uniform(0, 1)), seed=int(rng.integers(2 ** 31)))
+            try:
+                ph = make_warped_phantom(frame, fps=s["fps"], heart_rate_bpm=float(rng.uniform(55, 100)),
+                                         n_beats=4.0, rr_jitter=0.2 if s["rhythm"] == "irregular" else 0.02,
+                                         size=s["size"], squeeze=float(rng.uniform(0.18, 0.3)),
+                                         speckle=float(rng.uniform(0.2, 0.5)),
+                                         gain_drift=float(rng.uniform(0.0, max_gain_drift)), dropout=s["dropout"],
+                                         start_phase=float(rng.uniform(0, 1)), seed=int(rng.integers(2 ** 31)))
+            except ValueError as err:  # a frame without a sector or cavity: the cine is left out, the run goes on
+                print(f"cine #{j} frame {index}: skipped ({err})", file=sys.stderr)
+                break
             found = detect_ed_es(ph.cine)
             T = ph.cine.num_frames
             row = {**s, "cine": int(j), "frame": index, "params": ph.params, "signal": found.signal_name}
