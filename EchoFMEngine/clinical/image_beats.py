@@ -194,6 +194,26 @@ def _strokes(s: np.ndarray, period: float) -> list[dict]:
     return out
 
 
+def _half_if_skipped(v: np.ndarray, s: np.ndarray, period: float, fps: float) -> float:
+    """Half the ``period`` where every other beat was skipped: the signal also repeats at half of
+    it, and strokes searched at half the period are at least 1.5x as many, each at least half the
+    usual stroke, evenly spaced (CV under 0.2). Beats that alternate in size repeat better at two
+    beats than at one, which the autocorrelation alone reads as one slow beat."""
+    lo = max(2, int(np.floor(fps * 60.0 / MAX_HR_BPM)))
+    a = _autocorrelation(detrend(v), int(period) + 2)
+    if not any(lo <= k and abs(2 * k - period) <= max(2.0, 0.12 * period) and a[k] >= MIN_REPEAT
+               for k in find_peaks(a)[0]):
+        return period
+    whole, half = _strokes(s, period), _strokes(s, period / 2)
+    if len(half) < max(3, 1.5 * len(whole)):
+        return period
+    usual = float(np.median([b["amp"] for b in whole]))
+    gaps = np.diff([b["p"] for b in half])
+    if min(b["amp"] for b in half) < 0.5 * usual or gaps.std() > 0.2 * gaps.mean():
+        return period
+    return period / 2
+
+
 def _top_before(s: np.ndarray, lo: int, p: int, tol: float) -> int:
     """ED: between the highest frame and the last frame near the top before the stroke at ``p``
     (the top of a slowly rising diastasis is flat within noise)."""
@@ -223,6 +243,8 @@ def beats_from_signal(v: np.ndarray, fps: float, period: Optional[float] = None)
                                                         "few times its frame-to-frame noise): no heartbeat")
     if period is None:
         period, quality = signal_period(v, fps)
+        if period is not None:
+            period = _half_if_skipped(v, s, period, fps)
     if period is None:
         return ImageBeats(signal=v, quality=quality,
                           reason="no repeating heartbeat in the images (clip shorter than ~1.3 beats, "
