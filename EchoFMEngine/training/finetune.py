@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from ..configs import CONFIG_DIR
 from ..data.augment import classification_augment, segmentation_augment
+from ..data.datasets import dataset_layout, dataset_names
 from ..metrics import json_safe
 from ..models import make_config
 from ..models.checkpoint import CheckpointError
@@ -157,8 +158,9 @@ def describe(cfg: dict, data: TaskData, model: EncoderModel, val: dict, test: Op
                      "seed": int(cfg["run"]["seed"])},
         "notes": list(data.notes),
     }
-    if data.trained_on == "phantom" and task in PROXY_NOTES:
-        desc["label_source"] = PROXY_NOTES[task]
+    label_notes = dataset_layout(data.trained_on).task_notes(task) if data.trained_on in dataset_names() else []
+    if label_notes:  # e.g. the phantoms' synthetic proxy labels
+        desc["label_source"] = label_notes[0]
     return desc
 
 

@@ -26,7 +26,7 @@ from ..data.phantom import (PROXY_LABELS, PROXY_NOTES, SPLIT_SEEDS, Phantoms,  #
 from ..data.phantom import VIEWS as PHANTOM_VIEWS  # noqa: F401 (public here too)
 from ..data.phantom import task_items as phantom_task_items
 from ..tasks import SEG_LABELS as _SEG_LABELS
-from ..tasks import TASK_NAMES
+from ..tasks import TASK_NAMES, get_task
 
 SEG_LABELS = list(_SEG_LABELS)
 EF_LABELS = ["ef_percent"]
@@ -297,7 +297,8 @@ def items_task_data(task: str, data: dict, train: Sequence[dict], val: Optional[
     labels = task_labels(task, {**data, "kind": Phantoms.name}) if task != "segment" else list(SEG_LABELS)
     stats = target_stats([float(it["ef"]) for it in train]) if task == "ef" else {}
     val_ds = TaskDataset(list(val), task, data) if val else None
-    return TaskData(TaskDataset(list(train), task, data), val_ds, None, labels, "items", frames, size, "cycle",
+    return TaskData(TaskDataset(list(train), task, data), val_ds, None, labels, "items", frames, size,
+                    get_task(task).frames_policy,
                     target_stats=stats, n_train_available=len(train))
 
 
@@ -342,10 +343,7 @@ def build_task_data(task: str, data: dict, frames: int, size: int, frame_model: 
     stats = {}
     if task == "ef":
         stats = target_stats(train_t if train_t is not None else [float(train[i]["ef"]) for i in range(len(train))])
-    if kind == "tmed2":
-        policy = "still"
-    else:
-        policy = "cycle"
+    policy = "still" if kind == "tmed2" else get_task(task).frames_policy  # TMED2 holds still images
     if frame_model:
         policy = "per_frame"
     return TaskData(train, val, test, labels, trained_on, frames, size, policy, notes, stats, n_available)
