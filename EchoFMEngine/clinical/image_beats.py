@@ -194,6 +194,19 @@ def _strokes(s: np.ndarray, period: float) -> list[dict]:
     return out
 
 
+def _without_drift(v: np.ndarray, period: float) -> np.ndarray:
+    """``v`` less a linear drift (a gain or depth ramp over the clip) where the drift over the clip
+    exceeds half the signal's swing, else ``v`` itself. The drift is the median change between
+    frames one period apart, which a periodic signal leaves at zero wherever the clip starts or
+    ends (a straight-line fit would tilt with a partial beat)."""
+    k = int(round(period))
+    if v.size <= k:
+        return v
+    slope = float(np.median(v[k:] - v[:-k])) / k
+    swing = float(np.percentile(v, 95) - np.percentile(v, 5))
+    return v - slope * np.arange(v.size) if abs(slope) * v.size > 0.5 * swing else v
+
+
 def _half_if_skipped(v: np.ndarray, s: np.ndarray, period: float, fps: float) -> float:
     """Half the ``period`` where every other beat was skipped: the signal also repeats at half of
     it, and strokes searched at half the period are at least 1.5x as many, each at least half the
@@ -241,16 +254,20 @@ def beats_from_signal(v: np.ndarray, fps: float, period: Optional[float] = None)
     if swing < MIN_SNR * max(noise_level(v), 1e-6):
         return ImageBeats(signal=v, quality=0.0, reason="the image signal is noise-like (its swing is within a "
                                                         "few times its frame-to-frame noise): no heartbeat")
+    raw = v
     if period is None:
         period, quality = signal_period(v, fps)
         if period is not None:
+            v = _without_drift(v, period)
+            if v is not raw:
+                s = ndimage.gaussian_filter1d(v, max(1.0, 0.02 * fps))
             period = _half_if_skipped(v, s, period, fps)
     if period is None:
         return ImageBeats(signal=v, quality=quality,
                           reason="no repeating heartbeat in the images (clip shorter than ~1.3 beats, "
                                  "no motion, or not a cardiac cine)")
     strokes = _strokes(s, period)
-    found = ImageBeats(period_frames=float(period), quality=float(quality), signal=v)
+    found = ImageBeats(period_frames=float(period), quality=float(quality), signal=raw)
     if not strokes:
         found.reason = "no systolic downstroke found in the images"
         return found
