@@ -235,11 +235,11 @@ def _top_before(s: np.ndarray, lo: int, p: int, tol: float) -> int:
     return lo + int(round(0.4 * int(np.argmax(w)) + 0.6 * near[-1]))
 
 
-def _bottom_after(s: np.ndarray, p: int, hi: int, tol: float) -> int:
-    """ES: between the first frame near the bottom after the stroke and the lowest frame."""
-    w = s[p: hi + 1]
-    near = np.flatnonzero(w <= w.min() + tol)
-    return p + int(round(0.5 * (near[0] + int(np.argmin(w)))))
+def _bottom_after(s: np.ndarray, p: int, hi: int) -> int:
+    """ES: the lowest frame of the smoothed signal after the stroke at ``p`` (up to ``hi``). Placing it
+    earlier, toward the first frame near the bottom, put ES early on the traced cines and by ~3
+    frames at 120 fps on phantoms warped from real frames."""
+    return p + int(np.argmin(s[p: hi + 1]))
 
 
 def beats_from_signal(v: np.ndarray, fps: float, period: Optional[float] = None) -> ImageBeats:
@@ -286,7 +286,7 @@ def beats_from_signal(v: np.ndarray, fps: float, period: Optional[float] = None)
             found.ed.append(_top_before(s, lo, p, 0.1 * amp))
             found.ed_confidence.append(round(conf, 3))
         hi = min(T - 1, p + reach, strokes[i + 1]["p"] if i + 1 < len(strokes) else T - 1)
-        g = _bottom_after(s, p, hi, 0.1 * amp)
+        g = _bottom_after(s, p, hi)
         refill = float(s[g:].max() - s[g]) if g < T - 1 else 0.0
         if g < T - 2 and (refill >= 0.3 * amp or i + 1 < len(strokes)):  # the clip shows the bottom
             found.es.append(g)
