@@ -13,7 +13,7 @@ from typing import Optional, Union
 
 import yaml
 from pydantic import Field, StrictBool, StrictInt, TypeAdapter, ValidationError
-from typing_extensions import Annotated, Literal
+from typing import Annotated, Literal
 
 from ..configs import find_config
 from ..tasks import HEAD_DEFAULTS
